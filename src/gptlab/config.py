@@ -1,0 +1,225 @@
+"""Configuration: typed dataclasses, presets, and how they combine.
+
+A run is described by two dataclasses: ``ModelConfig`` (the network's shape, saved with every
+checkpoint as ``config.json``) and ``TrainConfig`` (data, optimisation, evaluation, system).
+They are filled in this order, each layer overriding the one before:
+
+    dataclass defaults  <  preset (--preset)  <  config file (--config)  <  command-line flags
+
+A preset or config file is a dict ``{"model": {...}, "train": {...}}``. Every problem with the
+result (unknown keys, out-of-range values, conflicting options) is reported at once, each one
+naming the flag that sets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptlab.errors import UserError
+from gptlab.model.config import ModelConfig
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the model's shape."""
+
+    # --- data ---
+    corpus: str = "shakespeare-tiny"
+    """Corpus to train on when --data is not given (a name, file, folder, glob or URL)."""
+    tokenizer: str = "char"
+    """Tokenizer used to prepare --corpus: char, bpe:N, gpt2 or a tokenizer file."""
+    data: str | None = None
+    """A directory made by `gptlab prepare`; takes the place of corpus and tokenizer."""
+
+    # --- optimisation ---
+    batch_size: int = 64
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients are summed before each optimizer step."""
+    max_steps: int = 2000
+    """Optimizer steps; also the length of the learning-rate schedule."""
+    max_tokens: int | None = None
+    """Stop once this many training tokens have been seen (the schedule still spans max_steps)."""
+    max_time: float | None = None
+    """Stop after this many seconds of training (the schedule still spans max_steps)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to weight matrices only."""
+    decay_embeddings: bool = False
+    """Also apply weight decay to the embedding tables."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 turns clipping off)."""
+
+    # --- evaluation and logging ---
+    eval_interval: int = 250
+    """Evaluate on train and validation batches every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Batches averaged per evaluation."""
+    patience: int | None = None
+    """Stop early after this many evaluations without a better validation loss."""
+    log_interval: int = 10
+    """Update the progress bar, metrics.csv and TensorBoard every this many steps."""
+    sample_interval: int = 0
+    """Print a short generated sample every this many steps (0: only at the end)."""
+    sample_tokens: int = 200
+    """Length of those samples, in tokens."""
+
+    # --- system ---
+    device: str = "auto"
+    """auto picks cuda, then mps, then cpu."""
+    dtype: str = "auto"
+    """Compute precision: auto (bf16 where the hardware runs it fast, else fp32), fp32, bf16, fp16."""
+    compile: bool = False
+    """Compile the model with torch.compile (slower start, faster steps)."""
+    seed: int = 1337
+    """Seeds weights, batches and dropout; the same seed gives the same run on CPU."""
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, each naming its flag."""
+        out = []
+
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
+                     "sample_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                out.append(f"{flag(name)} must be a positive whole number, got {v!r}")
+        for name in ("warmup_steps", "sample_interval"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                out.append(f"{flag(name)} must be a whole number >= 0, got {v!r}")
+        for name in ("max_tokens", "patience"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                out.append(f"{flag(name)} must be a positive whole number, got {v!r}")
+        if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
+            out.append(f"--max-time must be a positive number of seconds, got {self.max_time!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            out.append(f"--lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
+            out.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                out.append(f"{flag(name)} must be a number >= 0, got {v!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                out.append(f"{flag(name)} must be in [0, 1), got {v!r}")
+        if isinstance(self.warmup_steps, int) and isinstance(self.max_steps, int) and self.warmup_steps > self.max_steps:
+            out.append(f"--warmup-steps ({self.warmup_steps}) cannot exceed --max-steps ({self.max_steps})")
+        if self.device not in DEVICES:
+            out.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            out.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- presets -------------------------------------------------------------------------------
+
+# Each preset is a partial config. Shapes for GPT-2 follow the released models; their training
+# settings are nanoGPT's OpenWebText recipe scaled for one GPU and are meant for GPU machines.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The default: a character-level model sized to train on a 2-core CPU in under 5 minutes.
+    "shakespeare-char": {
+        "model": {"block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 192, "dropout": 0.0, "bias": False},
+        "train": {"corpus": "shakespeare-tiny", "tokenizer": "char", "batch_size": 32, "max_steps": 2500,
+                  "lr": 2e-3, "warmup_steps": 100, "min_lr_ratio": 0.05, "weight_decay": 0.1, "beta2": 0.99,
+                  "eval_interval": 500, "eval_batches": 20, "sample_interval": 0},
+    },
+    # For tests and quick looks: trains in seconds, learns nothing much.
+    "tiny": {
+        "model": {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0},
+        "train": {"batch_size": 8, "max_steps": 20, "lr": 3e-3, "warmup_steps": 2, "eval_interval": 10,
+                  "eval_batches": 2, "log_interval": 5, "sample_tokens": 32},
+    },
+}
+_GPT2_TRAIN = {"tokenizer": "gpt2", "corpus": "shakespeare", "batch_size": 12, "grad_accum": 40,
+               "max_steps": 600_000, "lr": 6e-4, "min_lr_ratio": 0.1, "warmup_steps": 2000, "weight_decay": 0.1,
+               "beta2": 0.95, "eval_interval": 2000, "eval_batches": 200, "dtype": "auto", "compile": True}
+for _name, (_layers, _heads, _embd) in {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
+                                        "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}.items():
+    PRESETS[_name] = {
+        "model": {"vocab_size": 50257, "block_size": 1024, "n_layer": _layers, "n_head": _heads, "n_embd": _embd,
+                  "dropout": 0.0, "bias": True},
+        "train": dict(_GPT2_TRAIN),
+    }
+DEFAULT_PRESET = "shakespeare-char"
+
+
+def _check_keys(section: dict[str, Any], cls: type, where: str) -> list[str]:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(section) - set(valid))
+    if unknown:
+        return [f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"]
+    return []
+
+
+def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a JSON config file of the form {"model": {...}, "train": {...}}."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict) or set(d) - {"model", "train"}:
+        raise UserError(f'config file {path} must be a JSON object with only "model" and "train" sections')
+    return d
+
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+                   model_overrides: dict[str, Any] | None = None,
+                   train_overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """Combine defaults < preset < config file < overrides into validated configs.
+
+    ``vocab_size`` is left at its default here; the caller sets it from the tokenizer.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    layers = [(f"preset {preset}", PRESETS[preset])] if preset else []
+    if config_file is not None:
+        layers.append((f"config file {config_file}", load_config_file(config_file)))
+    layers.append(("command line", {"model": model_overrides or {}, "train": train_overrides or {}}))
+
+    model_d: dict[str, Any] = {}
+    train_d: dict[str, Any] = {}
+    problems: list[str] = []
+    for where, layer in layers:
+        problems += _check_keys(layer.get("model", {}), ModelConfig, f"{where} [model]")
+        problems += _check_keys(layer.get("train", {}), TrainConfig, f"{where} [train]")
+        model_d.update(layer.get("model", {}))
+        train_d.update(layer.get("train", {}))
+    if problems:
+        raise UserError("; ".join(problems))
+    model_cfg = ModelConfig(**model_d)
+    train_cfg = TrainConfig(**train_d)
+    problems = train_cfg.problems()
+    try:
+        model_cfg.validate()
+    except UserError as e:
+        problems.append(str(e))
+    if problems:
+        raise UserError("; ".join(problems))
+    return model_cfg, train_cfg

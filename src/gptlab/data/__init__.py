@@ -1,0 +1,1 @@
+"""Data: corpora (sources), token shards (prepare) and training batches."""

@@ -1,0 +1,187 @@
+"""The decoder-only language model: embeddings -> blocks -> final norm -> head.
+
+Parameter names follow the Hugging Face Llama tree (GPT-2 adds position embeddings and
+biases), so importing weights is a table of names:
+
+    embed_tokens.weight                      (V, C)
+    embed_positions.weight                   (block_size, C)
+    layers.N.input_layernorm.{weight,bias}
+    layers.N.self_attn.{q,k,v,o}_proj.{weight,bias}
+    layers.N.post_attention_layernorm.{weight,bias}
+    layers.N.mlp.{up,down}_proj.{weight,bias}
+    norm.{weight,bias}
+    lm_head.weight                           (V, C), the same tensor as embed_tokens when tied
+
+Biases exist only when ``config.bias``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.errors import UserError
+from gptlab.model.config import ModelConfig
+from gptlab.model.layers import MLP, CausalSelfAttention, LayerNorm
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Normalising the input of each branch (not its output, as the 2017 Transformer did) keeps
+    the residual stream an untouched sum, so gradients reach early layers undiminished and
+    training is stable with little learning-rate warm-up.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = LayerNorm(config.n_embd, bias=config.bias)
+        self.self_attn = CausalSelfAttention(config)
+        self.post_attention_layernorm = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))  # (B, T, C)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    """GPT-2: a decoder-only Transformer language model, every layer written out."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.embed_positions = nn.Embedding(config.block_size, config.n_embd)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # One (V, C) matrix both reads tokens in and scores them out: fewer parameters,
+            # and tokens that are used alike get alike vectors from both ends.
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Give every parameter its starting value; the only place initialisation happens.
+
+        - ``embed_tokens.weight``, ``embed_positions.weight``: normal(0, 0.02)
+        - ``q_proj``, ``k_proj``, ``v_proj``, ``up_proj`` weights: normal(0, 0.02)
+        - ``o_proj``, ``down_proj`` weights: normal(0, 0.02 / sqrt(2 * n_layer)). These write
+          into the residual stream, which sums 2 * n_layer of them; scaling keeps the
+          stream's variance at the top about what it is at the bottom.
+        - every Linear bias: 0
+        - every LayerNorm (``input_layernorm``, ``post_attention_layernorm``, ``norm``):
+          weight 1, bias 0, so it starts as a plain standardisation
+        - ``lm_head.weight``: the token embedding when tied, else normal(0, 0.02)
+
+        With these, the logits start near zero and the loss near ln(vocab_size).
+        """
+        std = 0.02
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
+        nn.init.normal_(self.embed_positions.weight, mean=0.0, std=std)
+        norms = [self.norm]
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            residual = (attn.o_proj, mlp.down_proj)
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.up_proj, *residual):
+                linear_std = resid_std if linear in residual else std
+                nn.init.normal_(linear.weight, mean=0.0, std=linear_std)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+            norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        for norm in norms:
+            nn.init.ones_(norm.weight)
+            if norm.bias is not None:
+                nn.init.zeros_(norm.bias)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) for token ids ``idx`` (B, T); with ``targets`` (B, T), also the loss.
+
+        The loss is the mean cross entropy over targets that are not ``ignore_index``
+        (NaN if every target is ignored), computed in float32 even under autocast.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise UserError(
+                f"sequence of {T} tokens is longer than the model's block_size "
+                f"{self.config.block_size}; keep only the last {self.config.block_size} tokens"
+            )
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        # Token identity plus position, (B, T, C) + (T, C) broadcast over the batch.
+        x = self.embed_dropout(self.embed_tokens(idx) + self.embed_positions(pos))
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=ignore_index
+            )
+        return logits, loss
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (a tied head is counted once, as the embedding).
+
+        ``exclude_embeddings`` leaves out the lookup tables ``embed_tokens`` and
+        ``embed_positions`` (and so a tied head), the usual "N" of scaling laws.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel() + self.embed_positions.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Floating-point operations to train on one token: 6N + 12·L·H·Q·T (PaLM, appendix B).
+
+        N counts the parameters used in matrix multiplies: every non-embedding parameter plus
+        the head's (V, C) matrix, which costs a matmul even when it is the tied embedding (a
+        lookup costs nothing). Each such weight does 2 FLOPs per token forward (multiply and
+        add) and 4 backward, hence 6N. Attention scores (Q K^T) and their weighted sum (P V)
+        add 2·2·Q·T per head per layer forward, tripled for forward plus backward, at full
+        context T = block_size: 12·L·H·Q·T. Biases and norms are counted in N, a negligible
+        overestimate.
+        """
+        cfg = self.config
+        n = self.num_parameters(exclude_embeddings=True)
+        if cfg.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+    def configure_optimizer_groups(
+        self, weight_decay: float, decay_embeddings: bool = False
+    ) -> list[dict[str, Any]]:
+        """Two parameter groups for AdamW: ``[{"params": decayed, "weight_decay": wd},
+        {"params": rest, "weight_decay": 0.0}]``.
+
+        Weight decay pulls matrices (Linear weights, 2-D) toward zero; biases and norm
+        weights are 1-D offsets and scales that decay would only distort. Embeddings are
+        lookup tables of which each step touches a few rows, so by default they are not
+        decayed either (``decay_embeddings=True`` decays them; a tied head follows the
+        embedding). Each parameter appears once; frozen ones (requires_grad False) are left out.
+        """
+        embeddings = {id(self.embed_tokens.weight), id(self.embed_positions.weight)}
+        decay, no_decay = [], []
+        for p in self.parameters():  # parameters() yields a tied tensor once
+            if not p.requires_grad:
+                continue
+            if p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings):
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]

@@ -1,0 +1,1 @@
+"""Training: the one loop (loop.py), optimizer and schedule (optim.py), checkpoints, metrics."""

@@ -1,0 +1,122 @@
+"""``gptlab train``: decide the run directory and configuration, then call the loop.
+
+Run directories are never overwritten silently: a new run goes to ``runs/PRESET`` (numbered
+``-2``, ``-3``, ... when taken) unless ``--out`` is given; an existing ``--out`` needs
+``--force``, and even then only a directory that looks like a gptlab run is replaced.
+``--resume DIR`` continues DIR; with ``--out OTHER`` it first copies the run there (a branch).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gptlab.config import DEFAULT_PRESET, PRESETS, TrainConfig, load_config_file, resolve_config
+from gptlab.errors import UserError
+from gptlab.model.config import ModelConfig
+from gptlab.train import checkpoint as ckpt
+
+RUN_MARKERS = ("last", "best", "metrics.csv")
+
+
+def _looks_like_run(path: Path) -> bool:
+    return any((path / m).exists() for m in RUN_MARKERS)
+
+
+def _fresh_run_dir(name: str) -> Path:
+    base = Path("runs") / name
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _claim_out(out: Path, force: bool) -> None:
+    """Make sure writing a run to ``out`` destroys nothing the user did not ask to replace."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a directory")
+    if not force:
+        raise UserError(f"--out {out} already holds a run; pass --force to replace it, --resume {out} to continue "
+                        "it, or choose another --out")
+    if not _looks_like_run(out):
+        raise UserError(f"--out {out} is not empty and is not a gptlab run; refusing to delete it even with --force")
+    shutil.rmtree(out)
+
+
+def _explicit_model_keys(preset: str | None, config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    if preset:
+        keys.update(PRESETS[preset]["model"])
+    if config_file:
+        keys.update(load_config_file(config_file).get("model", {}))
+    keys.update(overrides)
+    keys.pop("vocab_size", None)
+    return keys
+
+
+def _resume_configs(run_dir: Path, preset: str | None, config_file: str | None,
+                    model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    last = ckpt.resolve_checkpoint(run_dir, prefer="last")
+    saved_model = ckpt.load_model_config(last)
+    saved_train, _ = ckpt.load_train_state(last)
+    wanted = _explicit_model_keys(preset, config_file, model_overrides)
+    differing = [f"{k}: run has {getattr(saved_model, k, None)!r}, asked for {v!r}"
+                 for k, v in wanted.items() if getattr(saved_model, k, None) != v]
+    if differing:
+        raise UserError(f"cannot resume {run_dir} with a different model ({'; '.join(differing)}); "
+                        "drop those settings or start a new run")
+    train_d = dict(saved_train)
+    if config_file:
+        train_d.update(load_config_file(config_file).get("train", {}))
+    train_d.update(train_overrides)
+    _, train_cfg = resolve_config(None, None, saved_model.to_dict(), train_d)
+    return saved_model, train_cfg
+
+
+def run_training(preset: str | None = None, config_file: str | None = None, out: str | None = None,
+                 resume: str | None = None, force: bool = False, model_overrides: dict[str, Any] | None = None,
+                 train_overrides: dict[str, Any] | None = None, show_progress: bool = True) -> int:
+    """Run ``gptlab train``; returns the process exit code (130 when stopped by Ctrl-C/SIGTERM)."""
+    from gptlab.train.loop import train
+
+    model_overrides, train_overrides = model_overrides or {}, train_overrides or {}
+    if resume is not None:
+        src = Path(resume)
+        if src.name in ("last", "best") and (src / ckpt.WEIGHTS).exists():
+            src = src.parent
+        model_cfg, train_cfg = _resume_configs(src, preset, config_file, model_overrides, train_overrides)
+        run_dir = src
+        if out is not None and Path(out).resolve() != src.resolve():
+            run_dir = Path(out)
+            _claim_out(run_dir, force)
+            shutil.copytree(src, run_dir, dirs_exist_ok=True)
+            print(f"branching {src} into {run_dir}")
+    else:
+        if preset is None and config_file is None:
+            preset = DEFAULT_PRESET
+        model_cfg, train_cfg = resolve_config(preset, config_file, model_overrides, train_overrides)
+        if out is None:
+            run_dir = _fresh_run_dir(preset or Path(config_file).stem)
+        else:
+            run_dir = Path(out)
+            _claim_out(run_dir, force)
+
+    start = time.perf_counter()
+    result = train(model_cfg, train_cfg, run_dir, resume=resume is not None, show_progress=show_progress)
+    took = time.perf_counter() - start
+    print(f"\n--- sample ---\n{result.sample}\n--------------")
+    best = "" if result.best_val_loss is None else f"; best validation loss {result.best_val_loss:.4f}"
+    print(f"{result.stopped.replace('_', ' ')} after {result.step} steps ({result.tokens:,} tokens) in {took:.0f} s"
+          f"{best}")
+    print(f"checkpoint: {ckpt.resolve_checkpoint(run_dir)}   (metrics.csv, loss.png and samples.txt in {run_dir})")
+    if result.stopped == "interrupted":
+        print(f"resume with: gptlab train --resume {run_dir}", file=sys.stderr)
+        return 130
+    print(f"try: gptlab sample {run_dir} --prompt 'ROMEO:'")
+    return 0
