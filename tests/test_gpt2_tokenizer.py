@@ -198,6 +198,9 @@ def test_load_from_a_folder(gpt2, gpt2_files, tmp_path):
     from_folder = gpt2_tokenizer(str(tmp_path))
     assert from_folder.ranks == gpt2.ranks and from_folder.merges == gpt2.merges
     assert from_folder.special_tokens == gpt2.special_tokens
+    from gptlab.tokenizers import build_tokenizer
+
+    assert build_tokenizer(f"gpt2:{tmp_path}").ranks == gpt2.ranks  # --tokenizer gpt2:FOLDER
 
 
 def test_bad_or_missing_files_say_how_to_supply_them(gpt2_files, tmp_path):

@@ -149,6 +149,7 @@ def test_out_of_memory_suggests_a_smaller_batch(corpus, tmp_path, monkeypatch):
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # our deliberately hostile file
 def test_malicious_train_state_is_refused(corpus, tmp_path):
     model_cfg, cfg = tiny(corpus, max_steps=4)
     loop.train(model_cfg, cfg, tmp_path / "run", show_progress=False)
@@ -281,3 +282,17 @@ def test_ctrl_c_saves_and_resume_continues(corpus, tmp_path):
     assert main(["train", "--resume", str(out), "--max-steps", str(state["step"] + 2), "--no-progress"]) == 0
     _, state2 = ckpt.load_train_state(out / "last")
     assert state2["step"] == state["step"] + 2
+
+
+def test_resume_into_another_out_branches_the_run(corpus, tmp_path, capsys):
+    model_cfg, cfg = tiny(corpus, max_steps=4)
+    loop.train(model_cfg, cfg, tmp_path / "a", show_progress=False)
+    loop.train(model_cfg, cfg, tmp_path / "b", show_progress=False)
+    before = (tmp_path / "b" / "last" / ckpt.WEIGHTS).read_bytes()
+    resume = ["train", "--resume", str(tmp_path / "a"), "--max-steps", "6", "--no-progress", "--out"]
+    assert main(resume + [str(tmp_path / "b")]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "b" / "last" / ckpt.WEIGHTS).read_bytes() == before
+    assert main(resume + [str(tmp_path / "c")]) == 0
+    assert ckpt.load_train_state(tmp_path / "c" / "last")[1]["step"] == 6
+    assert ckpt.load_train_state(tmp_path / "a" / "last")[1]["step"] == 4  # the original run is untouched

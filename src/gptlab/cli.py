@@ -154,8 +154,11 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def add_config_flags(group: argparse._ArgumentGroup, cls: type, skip: tuple[str, ...] = ()) -> list[str]:
+def add_config_flags(group: argparse._ArgumentGroup, cls: type, preset: dict, skip: tuple[str, ...] = ()) -> list[str]:
     """One flag per dataclass field (``n_layer`` -> ``--n-layer``), typed from its annotation.
+
+    The help shows the value a plain ``gptlab train`` uses: the default preset's where it sets
+    one (``preset``), else the dataclass default.
 
     Defaults are suppressed so the namespace holds only flags the user gave: they override the
     preset and config file, and everything else keeps its layered value.
@@ -169,7 +172,8 @@ def add_config_flags(group: argparse._ArgumentGroup, cls: type, skip: tuple[str,
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).replace(" | None", "")
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        default = f"{preset[f.name]} in the default preset" if f.name in preset else f.default
+        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         if kind == "bool":
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
@@ -215,8 +219,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly where it stopped")
     p.add_argument("--force", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
-    MODEL_FLAGS[:] = add_config_flags(p.add_argument_group("model shape"), ModelConfig, skip=("vocab_size", "arch"))
-    TRAIN_FLAGS[:] = add_config_flags(p.add_argument_group("training"), TrainConfig)
+    default = PRESETS[DEFAULT_PRESET]
+    MODEL_FLAGS[:] = add_config_flags(p.add_argument_group("model shape"), ModelConfig, default["model"],
+                                      skip=("vocab_size", "arch"))
+    TRAIN_FLAGS[:] = add_config_flags(p.add_argument_group("training"), TrainConfig, default["train"])
     p.set_defaults(func=_train)
 
 

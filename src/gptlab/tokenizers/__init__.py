@@ -1,7 +1,7 @@
 """Tokenizers: character level, byte-level BPE trained from scratch, and GPT-2's vocabulary.
 
 ``build_tokenizer(spec, text)`` turns a command-line spec into a tokenizer:
-``char`` | ``bpe:N`` | ``gpt2`` | a path to a saved tokenizer JSON file.
+``char`` | ``bpe:N`` | ``gpt2`` | ``gpt2:FOLDER`` | a path to a saved tokenizer JSON file.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ __all__ = [
     "tokenizer_from_dict",
 ]
 
-SPEC_HELP = "char | bpe:VOCAB_SIZE | gpt2 | PATH to a tokenizer .json saved by gptlab"
+SPEC_HELP = ("char | bpe:VOCAB_SIZE | gpt2 | gpt2:FOLDER (holding encoder.json and vocab.bpe) | "
+             "PATH to a tokenizer .json saved by gptlab")
 
 
 def build_tokenizer(spec: str, text: str | Callable[[], str] | None = None) -> Tokenizer:
@@ -43,6 +44,8 @@ def build_tokenizer(spec: str, text: str | Callable[[], str] | None = None) -> T
         return CharTokenizer.train(training_text())
     if spec == "gpt2":
         return gpt2_tokenizer()
+    if spec.startswith("gpt2:"):
+        return gpt2_tokenizer(spec[5:])
     if spec.startswith("bpe:"):
         try:
             vocab_size = int(spec[4:])

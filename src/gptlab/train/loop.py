@@ -208,6 +208,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
                f"{tokens_per_step:,} tokens/step | run dir {run_dir}")
     start_step, t0 = step, time.perf_counter()
     last_log_t, last_log_step = t0, step
+    paused = 0.0  # seconds spent on evaluation and samples since the last log, left out of tokens/s
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     stopped, last_eval = "max_steps", {}
@@ -259,8 +260,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
                         raise UserError(f"the training loss became {train_loss} at step {step}; stopping. The last "
                                         f"good checkpoint is {run_dir / 'last'}; lower --lr or keep --grad-clip on")
                     now = time.perf_counter()
-                    tok_s = (step - last_log_step) * tokens_per_step / max(now - last_log_t, 1e-9)
-                    last_log_t, last_log_step = now, step
+                    tok_s = (step - last_log_step) * tokens_per_step / max(now - last_log_t - paused, 1e-9)
+                    last_log_t, last_log_step, paused = now, step, 0.0
                     row = {"step": step, "tokens": tokens_seen, "elapsed_s": round(now - t0, 3), "lr": lr,
                            "train_loss": train_loss, "tokens_per_s": tok_s,
                            "grad_norm": None if grad_norm is None else grad_norm.item()}
@@ -271,6 +272,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
                                    f"{last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.2f}, "
                                    f"{last_eval['val_bits_per_byte']:.3f} bits/byte)")
                         save_last()
+                        paused += time.perf_counter() - now
                     metrics.log(row)
                     bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                     if is_eval and cfg.patience is not None and evals_since_best >= cfg.patience:
@@ -278,8 +280,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
                         tqdm.write(f"no better validation loss in {cfg.patience} evaluations; stopping early")
                         break
                 if cfg.sample_interval and step % cfg.sample_interval == 0:
+                    sample_start = time.perf_counter()
                     tqdm.write(f"--- sample at step {step} ---\n"
                                f"{sample_text(model, tokenizer, cfg.sample_tokens, cfg.seed, device)}\n---")
+                    paused += time.perf_counter() - sample_start
     finally:
         bar.close()
     try:
