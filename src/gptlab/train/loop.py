@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -212,7 +213,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     stopped, last_eval = "max_steps", {}
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not show_progress, dynamic_ncols=True)
+    # In a terminal the bar redraws in place; in a log file every redraw is a new line, so redraw rarely there.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not show_progress, dynamic_ncols=True,
+               mininterval=0.2 if interactive else 30.0)
     fwd.train()
     try:
         with graceful_stop() as stop_requested:
