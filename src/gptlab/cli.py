@@ -35,6 +35,18 @@ def _fraction(s: str) -> float:
     return v
 
 
+def _json_object(s: str) -> dict:
+    import json
+
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r} ({e.msg})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"rope_type\": \"linear\"}}', got {s!r}")
+    return v
+
+
 # --- gptlab data ---------------------------------------------------------------------------
 
 def _data_list(args: argparse.Namespace) -> None:
@@ -178,9 +190,9 @@ def add_config_flags(group: argparse._ArgumentGroup, cls: type, preset: dict, sk
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
         else:
-            conv = {"int": int, "float": float, "str": str}[kind]
-            group.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS, metavar=kind.upper(),
-                               help=help_text)
+            conv = {"int": int, "float": float, "str": str}.get(kind, _json_object)  # dict fields take JSON
+            group.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS,
+                               metavar=kind.upper() if conv is not _json_object else "JSON", help=help_text)
         names.append(f.name)
     return names
 
@@ -257,6 +269,60 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_sample)
 
 
+# --- gptlab import / export -------------------------------------------------------------------
+
+def _import(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from gptlab.weights.hf import import_hf, is_hf_dir, save_imported
+
+    src, out = Path(args.src), Path(args.out)
+    if not is_hf_dir(src):
+        raise UserError(f"{src} is not a Hugging Face model directory (config.json with a model_type)")
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    ckpt = import_hf(src, dtype=args.dtype)
+    save_imported(ckpt, out, src)
+    print(f"imported {src} ({ckpt.model.num_parameters():,} parameters, {args.dtype}) into {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from gptlab.train.checkpoint import load_checkpoint
+    from gptlab.weights.hf import export_hf
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    ckpt = load_checkpoint(args.model)
+    export_hf(ckpt, out, family=ckpt.config.arch)
+    print(f"exported {ckpt.path} to {out} (Hugging Face {ckpt.config.arch} format)")
+
+
+def add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="import a Hugging Face model directory as a gptlab checkpoint",
+                       description="Convert a Hugging Face model directory (config.json, safetensors weights, "
+                                   "tokenizer.json) into a gptlab checkpoint directory.")
+    p.add_argument("src", help="Hugging Face model directory")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="precision of the stored weights (default: fp32)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_import)
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint as a Hugging Face model directory",
+                       description="Write a checkpoint as a directory that transformers' from_pretrained and "
+                                   "AutoTokenizer load, with the same logits.")
+    p.add_argument("model", help="run directory, checkpoint directory or Hugging Face directory")
+    p.add_argument("--format", choices=["hf"], default="hf", help="output format (default: hf)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_export)
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample):
+    for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample, add_import, add_export):
         add(sub)
     return parser
 

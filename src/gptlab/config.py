@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import UserError
-from gptlab.model.config import ModelConfig
+from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -162,9 +162,24 @@ _GPT2_TRAIN = {"tokenizer": "gpt2", "corpus": "shakespeare", "batch_size": 12, "
 for _name, (_layers, _heads, _embd) in {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
                                         "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}.items():
     PRESETS[_name] = {
-        "model": {"vocab_size": 50257, "block_size": 1024, "n_layer": _layers, "n_head": _heads, "n_embd": _embd,
-                  "dropout": 0.0, "bias": True},
+        "model": {**FAMILY_DEFAULTS["gpt2"], "vocab_size": 50257, "block_size": 1024, "n_layer": _layers,
+                  "n_head": _heads, "n_embd": _embd, "dropout": 0.0},
         "train": dict(_GPT2_TRAIN),
+    }
+# The other families, trained from scratch with the GPT-2 recipe. Shapes: llama is SmolLM2-135M, qwen2 is
+# Qwen2.5-0.5B, mistral a small Mistral (sliding window of half its context). The batch size keeps GPT-2's
+# ~0.5M tokens per optimizer step; vocab_size is set from the data's tokenizer when training from scratch.
+for _name, _model in {
+    "llama": {"vocab_size": 49152, "block_size": 2048, "n_layer": 30, "n_head": 9, "n_kv_head": 3, "n_embd": 576,
+              "intermediate_size": 1536, "rope_theta": 100000.0, "tie_embeddings": True},
+    "qwen2": {"vocab_size": 151936, "block_size": 2048, "n_layer": 24, "n_head": 14, "n_kv_head": 2, "n_embd": 896,
+              "intermediate_size": 4864, "rope_theta": 1000000.0, "tie_embeddings": True},
+    "mistral": {"vocab_size": 32000, "block_size": 1024, "n_layer": 8, "n_head": 8, "n_kv_head": 2, "n_embd": 512,
+                "intermediate_size": 1536, "sliding_window": 512, "tie_embeddings": False},
+}.items():
+    PRESETS[_name] = {
+        "model": {**FAMILY_DEFAULTS[_name], "dropout": 0.0, **_model},
+        "train": {**_GPT2_TRAIN, "batch_size": 12 * 1024 // _model["block_size"]},
     }
 DEFAULT_PRESET = "shakespeare-char"
 

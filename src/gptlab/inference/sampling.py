@@ -140,6 +140,7 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Continue the prompts ``idx`` (B, T), yielding each step's new token ids as a (B,) tensor.
 
@@ -147,15 +148,27 @@ def generate(
     prompt) or stop early by breaking out of the loop. ``model(idx)`` must return
     ``(logits, loss)`` and ``model.config.block_size`` bound its context: only the last
     block_size tokens are fed to it. Call ``model.eval()`` first, or dropout stays on.
-    Every step reruns the whole context (no KV cache yet).
+
+    With ``use_cache`` and a model that has ``new_kv_cache()`` (``GPT`` does), the prompt is
+    run once to fill a KV cache (prefill) and each further step feeds only the newest token
+    (decode). Once prompt plus output would pass block_size the cache is full, and every
+    further step reruns the last block_size tokens without it, exactly as ``use_cache=False``
+    does: the output is the same either way, token for token, at any length; only speed
+    differs. (Restarting the cache on a shorter context would be faster but would change the
+    tokens, because the model would then see less than block_size of the past.)
     """
     if idx.dim() != 2 or idx.size(1) == 0:
         raise UserError(f"the prompt must hold at least one token, got shape {tuple(idx.shape)}")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     block_size = model.config.block_size
+    cache = model.new_kv_cache() if use_cache and hasattr(model, "new_kv_cache") else None
     for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -block_size:])  # (B, min(T, block_size), V)
+        if cache is not None and idx.size(1) <= block_size:
+            # The tokens not yet in the cache: the whole prompt first, then the last token.
+            logits, _ = model(idx[:, cache.length :], kv_cache=cache)  # (B, new, V)
+        else:
+            logits, _ = model(idx[:, -block_size:])  # (B, min(T, block_size), V)
         next_ids = sample_next(
             logits[:, -1, :],
             temperature=temperature,

@@ -1,6 +1,7 @@
-"""The hand-written Transformer: its configuration, layers and the GPT language model."""
+"""The hand-written Transformer: its configuration, layers, KV cache and the GPT language model."""
 
-from gptlab.model.config import ModelConfig
+from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
+from gptlab.model.kv_cache import KVCache
 from gptlab.model.transformer import GPT
 
-__all__ = ["GPT", "ModelConfig"]
+__all__ = ["FAMILY_DEFAULTS", "GPT", "KVCache", "ModelConfig"]

@@ -1,6 +1,7 @@
-"""Building blocks of the Transformer: normalisation, causal self-attention, the MLP.
+"""Building blocks of the Transformer: norms, rotary positions, causal self-attention, MLPs.
 
-Shapes use B = batch, T = sequence length, C = n_embd, H = n_head, D = head_dim = C // H.
+Shapes use B = batch, T = new tokens, S = tokens attended to (T, or cached + T with a KV
+cache), C = n_embd, H = n_head, K = n_kv_head, D = head_dim = C // H.
 Modules here only declare their parameters; ``GPT.init_weights`` gives them their values.
 """
 
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.model.config import ModelConfig
+from gptlab.model.kv_cache import KVCache
+
+# --- normalisation ---------------------------------------------------------------------------
 
 
 class LayerNorm(nn.Module):
@@ -32,62 +36,253 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension (Llama's norm).
+
+    LayerNorm without the mean subtraction and the bias: only the vector's scale is
+    normalised, which is cheaper and trains as well. Computed in float32 and cast back before
+    the weight, in the same order as Hugging Face, so imported models match it bit for bit.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> LayerNorm | RMSNorm:
+    """The norm ``config.norm`` asks for, over the residual width C."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return LayerNorm(config.n_embd, bias=config.bias, eps=config.norm_eps)
+
+
+# --- rotary position embeddings (RoPE) -------------------------------------------------------
+
+
+def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Angular speed of each rotated pair, (D // 2,) float32, and the factor for cos and sin.
+
+    Pair i of a head turns by position * inv_freq[i] with inv_freq[i] = theta^(-2i / D): the
+    first pairs spin fast (local order), the last ones slowly (long range). ``rope_scaling``
+    slows some of them down so a model trained on a short context reads a longer one; the
+    three kinds compute exactly what Hugging Face's ``ROPE_INIT_FUNCTIONS`` do.
+    """
+    D, base = config.head_dim, config.rope_theta
+    pos_freqs = base ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D)  # (D/2,)
+    inv_freq = 1.0 / pos_freqs
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        # Position interpolation: every pair turns `factor` times slower, so position
+        # factor * p looks like position p did in training.
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling), 1.0
+    return _yarn_inv_freq(pos_freqs, scaling, D, base)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1: slow down only the pairs whose wavelength is long compared to the context.
+
+    Pairs with wavelength under original / high_freq_factor keep their speed (they never saw
+    the context's end anyway); pairs over original / low_freq_factor turn `factor` times
+    slower; in between, the two speeds are blended linearly in original / wavelength.
+    """
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq  # (D/2,) tokens per full turn
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    slowed = torch.where(wavelen > original / low, inv_freq / factor, blended)
+    return torch.where(wavelen < original / high, inv_freq, slowed)
+
+
+def _yarn_inv_freq(
+    pos_freqs: torch.Tensor, scaling: dict, D: int, base: float
+) -> tuple[torch.Tensor, float]:
+    """YaRN: keep fast pairs, interpolate slow ones, ramp between; sharpen attention a little.
+
+    A pair that makes more than ``beta_fast`` turns over the original context keeps its speed
+    (extrapolation); one making fewer than ``beta_slow`` turns is slowed by ``factor``
+    (interpolation); pairs in between get a linear ramp over their index. Stretching the
+    context flattens attention, so cos and sin are scaled up by the attention factor,
+    0.1 * ln(factor) + 1 unless the config gives it.
+    """
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor)
+        if m and m_all:
+            attention_factor = mscale(factor, m) / mscale(factor, m_all)
+
+    def pair_index(turns: float) -> float:
+        # The (fractional) pair index whose wavelength fits `turns` times into the context.
+        return D * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low = pair_index(scaling.get("beta_fast") or 32)
+    high = pair_index(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    if low == high:
+        high += 0.001  # the ramp needs a non-zero width
+    ramp = torch.clamp((torch.arange(D // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # (D/2,) 1: keep the original speed, 0: slow down by factor
+    inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+    return inv_freq, float(attention_factor)
+
+
+def rope_tables(config: ModelConfig, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, each (n_positions, D) float32.
+
+    Split-halves layout (as Hugging Face): dimension j and j + D/2 form pair j, so the
+    (T, D/2) angles are repeated once along the last dimension.
+    """
+    inv_freq, attention_factor = rope_inv_freq(config)
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), inv_freq)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension: a 90-degree turn of
+    every pair (x1[j], x2[j])."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair of ``x`` (B, H, T, D) by its position's angle; cos, sin are (T, D).
+
+    After rotation, q_m . k_n depends on the positions only through m - n, so attention
+    sees relative distance without any position table.
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# --- attention -------------------------------------------------------------------------------
+
+
+def attention_mask(
+    n_queries: int, n_keys: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor:
+    """Which keys each query may see, (n_queries, n_keys) bool, True = attend.
+
+    The queries are the last ``n_queries`` of the ``n_keys`` positions (new tokens after the
+    cached ones), so query i sits at position n_keys - n_queries + i. It sees keys at or
+    before its position and, with a sliding window w, only the last w of them (itself
+    included).
+    """
+    q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(n_keys, device=device)[None, :]  # (1, S)
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, K, S, D) -> (B, K * n_rep, S, D): each k/v head serves n_rep consecutive query heads."""
+    if n_rep == 1:
+        return x
+    B, K, S, D = x.shape
+    return x[:, :, None].expand(B, K, n_rep, S, D).reshape(B, K * n_rep, S, D)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and earlier positions.
 
     All heads run in one batched matmul: the (B, T, C) projections are viewed as (B, H, T, D).
-    ``attn_impl`` ("sdpa" or "reference", from the config) may be changed on the module at any
-    time. Setting ``save_weights = True`` makes every forward pass store the attention
-    probabilities in ``attn_weights`` (B, H, T, T); that needs the reference path, so it is
-    used whatever ``attn_impl`` says while ``save_weights`` is on.
+    With ``n_kv_head`` < ``n_head`` (grouped-query attention) keys and values have K heads,
+    each shared by H // K query heads. ``attn_impl`` ("sdpa" or "reference", from the config)
+    may be changed on the module at any time. Setting ``save_weights = True`` makes every
+    forward pass store the attention probabilities in ``attn_weights`` (B, H, T, S); that
+    needs the reference path, so it is used whatever ``attn_impl`` says while ``save_weights``
+    is on.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # which slot of a KVCache is this layer's
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         self.attn_impl = config.attn_impl
         self.save_weights = False
         self.attn_weights: torch.Tensor | None = None
-        C = config.n_embd
+        C, KD = config.n_embd, config.kv_heads * config.head_dim
         # Separate projections (not one fused c_attn as in GPT-2's files) so the names match
-        # the Llama tree and grouped-query attention can later give k/v fewer heads.
-        self.q_proj = nn.Linear(C, C, bias=config.bias)
-        self.k_proj = nn.Linear(C, C, bias=config.bias)
-        self.v_proj = nn.Linear(C, C, bias=config.bias)
+        # the Llama tree and k/v can have fewer heads than q.
+        self.q_proj = nn.Linear(C, C, bias=config.qkv_has_bias)
+        self.k_proj = nn.Linear(C, KD, bias=config.qkv_has_bias)
+        self.v_proj = nn.Linear(C, KD, bias=config.qkv_has_bias)
         self.o_proj = nn.Linear(C, C, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Attend from the tokens ``x`` (B, T, C) to themselves and any cached tokens.
+
+        ``rope``: cos and sin (T, D) of the new tokens' positions, or None for learned
+        positions. ``mask``: (T, S) bool from ``attention_mask``, or None for plain causal
+        attention of T tokens among themselves (SDPA's fast is_causal path).
+        """
         B, T, C = x.shape
         # (B, T, C) -> (B, H, T, D): heads become a batch dimension.
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            # Cached keys are stored rotated, so each is rotated once, at its own position.
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        n_rep = self.n_head // self.n_kv_head
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, D)
         if self.attn_impl == "sdpa" and not self.save_weights:
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-            )
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask is None,
+            )  # fmt: skip
         else:
-            y = self._reference_attention(q, k, v)
+            y = self._reference_attention(q, k, v, mask)
         # (B, H, T, D) -> (B, T, C): concatenate the heads again.
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
     def _reference_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """softmax(Q K^T / sqrt(D) + causal mask) V, written out; q, k, v are (B, H, T, D)."""
-        T = q.size(-2)
-        # (B, H, T, T): how much query position i attends to key position j. Scaling by
-        # 1/sqrt(D) keeps the scores' variance near 1 so the softmax does not saturate.
+        """softmax(Q K^T / sqrt(D) + mask) V, written out; q is (B, H, T, D), k, v (B, H, S, D)."""
+        T, S = q.size(-2), k.size(-2)
+        # (B, H, T, S): how much query i attends to key j. Scaling by 1/sqrt(D) keeps the
+        # scores' variance near 1 so the softmax does not saturate.
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-        # Position i may look at j <= i only: the upper triangle is set to -inf, which the
-        # softmax turns into probability 0.
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        if mask is None:
+            mask = attention_mask(T, S, None, q.device)
+        # Keys a query may not see get -inf, which the softmax turns into probability 0.
+        scores = scores.masked_fill(~mask, float("-inf"))
         # Softmax in float32: under bf16 autocast its sums would otherwise lose precision.
         probs = F.softmax(scores.float(), dim=-1).to(v.dtype)
         if self.save_weights:
@@ -95,17 +290,28 @@ class CausalSelfAttention(nn.Module):
         return self.attn_dropout(probs) @ v  # (B, H, T, D)
 
 
+# --- feed-forward ----------------------------------------------------------------------------
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward network: C -> 4C -> GELU -> C, applied to every token alone."""
+    """Position-wise feed-forward network, applied to every token alone: C -> hidden -> C.
+
+    "gelu" (GPT-2): down(gelu(up(x))). "swiglu" (Llama): down(silu(gate(x)) * up(x)), where
+    the gate decides, per token and hidden unit, how much of up(x) passes.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        C = config.n_embd
-        self.up_proj = nn.Linear(C, 4 * C, bias=config.bias)
-        self.down_proj = nn.Linear(4 * C, C, bias=config.bias)
+        C, hidden = config.n_embd, config.mlp_hidden
+        self.gate_proj = nn.Linear(C, hidden, bias=config.bias) if config.mlp == "swiglu" else None
+        self.up_proj = nn.Linear(C, hidden, bias=config.bias)
+        self.down_proj = nn.Linear(hidden, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 was trained with the tanh approximation of GELU; imported weights expect it.
-        h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, 4C)
+        if self.gate_proj is None:
+            # GPT-2 was trained with the tanh approximation of GELU; imported weights expect it.
+            h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, hidden)
+        else:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, hidden)
         return self.dropout(self.down_proj(h))  # (B, T, C)

@@ -1,18 +1,21 @@
 """The decoder-only language model: embeddings -> blocks -> final norm -> head.
 
-Parameter names follow the Hugging Face Llama tree (GPT-2 adds position embeddings and
-biases), so importing weights is a table of names:
+GPT-2, Llama, Qwen2 and Mistral are all this one model with different ``ModelConfig``
+options. Parameter names follow the Hugging Face Llama tree, so importing weights is a table
+of names:
 
     embed_tokens.weight                      (V, C)
-    embed_positions.weight                   (block_size, C)
+    embed_positions.weight                   (block_size, C)   only with learned positions
     layers.N.input_layernorm.{weight,bias}
-    layers.N.self_attn.{q,k,v,o}_proj.{weight,bias}
+    layers.N.self_attn.{q,k,v}_proj.{weight,bias}   k, v: (K * D, C) with K = n_kv_head
+    layers.N.self_attn.o_proj.{weight,bias}
     layers.N.post_attention_layernorm.{weight,bias}
+    layers.N.mlp.gate_proj.{weight,bias}     only with the swiglu MLP
     layers.N.mlp.{up,down}_proj.{weight,bias}
     norm.{weight,bias}
     lm_head.weight                           (V, C), the same tensor as embed_tokens when tied
 
-Biases exist only when ``config.bias``.
+Biases exist only when ``config.bias`` (q/k/v: ``config.qkv_has_bias``); RMSNorm has none.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from torch import nn
 
 from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
-from gptlab.model.layers import MLP, CausalSelfAttention, LayerNorm
+from gptlab.model.kv_cache import KVCache
+from gptlab.model.layers import MLP, CausalSelfAttention, attention_mask, make_norm, rope_tables
 
 
 class Block(nn.Module):
@@ -37,30 +41,48 @@ class Block(nn.Module):
     training is stable with little learning-rate warm-up.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = LayerNorm(config.n_embd, bias=config.bias)
-        self.self_attn = CausalSelfAttention(config)
-        self.post_attention_layernorm = LayerNorm(config.n_embd, bias=config.bias)
+        self.input_layernorm = make_norm(config)
+        self.self_attn = CausalSelfAttention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x))  # (B, T, C)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache)  # (B, T, C)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class GPT(nn.Module):
-    """GPT-2: a decoder-only Transformer language model, every layer written out."""
+    """A decoder-only Transformer language model, every layer written out.
+
+    The config's options choose GPT-2's parts (learned positions, LayerNorm, GELU) or Llama's
+    (RoPE, RMSNorm, SwiGLU, grouped-query attention), Qwen2's q/k/v biases and Mistral's
+    sliding window; ``ModelConfig.for_family`` fills them in by name.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
-        self.embed_positions = nn.Embedding(config.block_size, config.n_embd)
+        learned = config.pos_embedding == "learned"
+        self.embed_positions = nn.Embedding(config.block_size, config.n_embd) if learned else None
+        if not learned:
+            # cos and sin of every position's RoPE angles, (block_size, D). Buffers, not
+            # parameters: computed from the config, so not saved (persistent=False).
+            shape = (config.block_size, config.head_dim)
+            self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
         self.embed_dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = LayerNorm(config.n_embd, bias=config.bias)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             # One (V, C) matrix both reads tokens in and scores them out: fewer parameters,
@@ -72,27 +94,36 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Give every parameter its starting value; the only place initialisation happens.
 
-        - ``embed_tokens.weight``, ``embed_positions.weight``: normal(0, 0.02)
-        - ``q_proj``, ``k_proj``, ``v_proj``, ``up_proj`` weights: normal(0, 0.02)
+        - ``embed_tokens.weight``, ``embed_positions.weight`` (learned positions only):
+          normal(0, 0.02)
+        - ``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj`` (SwiGLU only), ``up_proj``
+          weights: normal(0, 0.02)
         - ``o_proj``, ``down_proj`` weights: normal(0, 0.02 / sqrt(2 * n_layer)). These write
           into the residual stream, which sums 2 * n_layer of them; scaling keeps the
           stream's variance at the top about what it is at the bottom.
         - every Linear bias: 0
-        - every LayerNorm (``input_layernorm``, ``post_attention_layernorm``, ``norm``):
-          weight 1, bias 0, so it starts as a plain standardisation
+        - every norm (``input_layernorm``, ``post_attention_layernorm``, ``norm``): weight 1
+          and, for LayerNorm with bias, bias 0, so it starts as a plain standardisation
         - ``lm_head.weight``: the token embedding when tied, else normal(0, 0.02)
+        - with RoPE, the (not learned) ``rope_cos``/``rope_sin`` buffers: the rotation tables
 
         With these, the logits start near zero and the loss near ln(vocab_size).
         """
         std = 0.02
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
-        nn.init.normal_(self.embed_positions.weight, mean=0.0, std=std)
+        if self.embed_positions is not None:
+            nn.init.normal_(self.embed_positions.weight, mean=0.0, std=std)
+        else:
+            cos, sin = rope_tables(self.config, self.config.block_size)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
         norms = [self.norm]
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             residual = (attn.o_proj, mlp.down_proj)
-            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.up_proj, *residual):
+            gate = (mlp.gate_proj,) if mlp.gate_proj is not None else ()
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, *gate, mlp.up_proj, *residual):
                 linear_std = resid_std if linear in residual else std
                 nn.init.normal_(linear.weight, mean=0.0, std=linear_std)
                 if linear.bias is not None:
@@ -100,30 +131,57 @@ class GPT(nn.Module):
             norms += [layer.input_layernorm, layer.post_attention_layernorm]
         for norm in norms:
             nn.init.ones_(norm.weight)
-            if norm.bias is not None:
+            if getattr(norm, "bias", None) is not None:
                 nn.init.zeros_(norm.bias)
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
 
+    def new_kv_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for this model, for up to ``max_len`` (default block_size) tokens."""
+        return KVCache(self.config, max_len)
+
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        kv_cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for token ids ``idx`` (B, T); with ``targets`` (B, T), also the loss.
 
         The loss is the mean cross entropy over targets that are not ``ignore_index``
         (NaN if every target is ignored), computed in float32 even under autocast.
+
+        With ``kv_cache``, ``idx`` holds only the tokens after those already cached: they sit
+        at positions kv_cache.length onwards, attend to the cached tokens and themselves, and
+        are added to the cache.
         """
         B, T = idx.shape
-        if T > self.config.block_size:
+        start = 0 if kv_cache is None else kv_cache.length
+        limit = self.config.block_size if kv_cache is None else kv_cache.max_len
+        if start + T > limit:
+            where = "" if kv_cache is None else f" after the {start} cached ones"
             raise UserError(
-                f"sequence of {T} tokens is longer than the model's block_size "
-                f"{self.config.block_size}; keep only the last {self.config.block_size} tokens"
+                f"{T} tokens{where} exceed the model's context of {limit} tokens (block_size "
+                f"{self.config.block_size}); keep only the last {limit - start} tokens"
             )
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        # Token identity plus position, (B, T, C) + (T, C) broadcast over the batch.
-        x = self.embed_dropout(self.embed_tokens(idx) + self.embed_positions(pos))
+        x = self.embed_tokens(idx)  # (B, T, C)
+        rope = None
+        if self.embed_positions is not None:
+            # Token identity plus position, (B, T, C) + (T, C) broadcast over the batch.
+            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, D)
+        x = self.embed_dropout(x)
+        # None lets SDPA use its fast causal kernel; new tokens after cached ones, or a window,
+        # need an explicit (T, start + T) mask.
+        mask = None
+        if kv_cache is not None or self.config.sliding_window is not None:
+            mask = attention_mask(T, start + T, self.config.sliding_window, idx.device)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, rope, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -140,8 +198,14 @@ class GPT(nn.Module):
         """
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= self.embed_tokens.weight.numel() + self.embed_positions.weight.numel()
+            n -= sum(p.numel() for p in self._embedding_tables())
         return n
+
+    def _embedding_tables(self) -> list[nn.Parameter]:
+        tables = [self.embed_tokens.weight]
+        if self.embed_positions is not None:
+            tables.append(self.embed_positions.weight)
+        return tables
 
     def flops_per_token(self) -> int:
         """Floating-point operations to train on one token: 6N + 12·L·H·Q·T (PaLM, appendix B).
@@ -172,7 +236,7 @@ class GPT(nn.Module):
         decayed either (``decay_embeddings=True`` decays them; a tied head follows the
         embedding). Each parameter appears once; frozen ones (requires_grad False) are left out.
         """
-        embeddings = {id(self.embed_tokens.weight), id(self.embed_positions.weight)}
+        embeddings = {id(p) for p in self._embedding_tables()}
         decay, no_decay = [], []
         for p in self.parameters():  # parameters() yields a tied tensor once
             if not p.requires_grad:

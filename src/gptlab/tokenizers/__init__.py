@@ -14,14 +14,17 @@ from gptlab.tokenizers.base import Tokenizer, load_tokenizer_file, tokenizer_fro
 from gptlab.tokenizers.bpe import BPETokenizer
 from gptlab.tokenizers.char import CharTokenizer
 from gptlab.tokenizers.gpt2 import gpt2_tokenizer
+from gptlab.tokenizers.hf import HFTokenizer, to_hf_json
 
 __all__ = [
     "BPETokenizer",
     "CharTokenizer",
+    "HFTokenizer",
     "Tokenizer",
     "build_tokenizer",
     "gpt2_tokenizer",
     "load_tokenizer_file",
+    "to_hf_json",
     "tokenizer_from_dict",
 ]
 

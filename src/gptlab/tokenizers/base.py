@@ -132,4 +132,6 @@ def load_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
         raise UserError(f"tokenizer file {path} is not valid JSON ({e}); was it written by gptlab?") from None
     if not isinstance(d, dict):
         raise UserError(f"tokenizer file {path} does not hold a JSON object")
+    if "type" not in d and isinstance(d.get("model"), dict):
+        d = {"type": "hf", "tokenizer": d}  # a Hugging Face tokenizer.json, used as it is
     return tokenizer_from_dict(d)

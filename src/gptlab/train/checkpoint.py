@@ -106,7 +106,14 @@ def load_weights(model: GPT, ckpt_dir: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> Checkpoint:
-    """Load model, config and tokenizer from a checkpoint or run directory."""
+    """Load model, config and tokenizer from a checkpoint or run directory, or from a Hugging
+    Face model directory (imported on the fly)."""
+    from gptlab.weights.hf import import_hf, is_hf_dir
+
+    if is_hf_dir(Path(path)):  # our config.json has no model_type; Hugging Face's always does
+        loaded = import_hf(path)
+        loaded.model.to(device)
+        return loaded
     ckpt_dir = resolve_checkpoint(path, prefer)
     config = load_model_config(ckpt_dir)
     model = GPT(config)

@@ -1,0 +1,1 @@
+"""Open weights in and out: Hugging Face directories (hf.py)."""

@@ -1,0 +1,343 @@
+"""Hugging Face checkpoints in and out: a table of names per family, and a few transforms.
+
+Because gptlab's parameter names follow Hugging Face's Llama tree, a family's mapping is a
+short table of ``Rule``s: which HF tensor becomes which of ours, and how. ``{i}`` stands for
+the layer index. Transforms:
+- ``copy``: same tensor;
+- ``transpose``: GPT-2 stores its linear layers as ``Conv1D`` with the weight as (in, out);
+  ``nn.Linear`` keeps (out, in);
+- ``split3``: GPT-2's fused ``c_attn`` holds q, k and v side by side; we keep three projections
+  (a ``transpose`` first for weights).
+
+Llama, Qwen2 and Mistral already use gptlab's names under a ``model.`` prefix, so their tables
+are nearly the identity; Qwen2 adds the q/k/v biases.
+
+The same table runs both ways (import and export), and the tests check that it covers every
+key of a real ``transformers`` model in both directions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptlab.cache import atomic_dir, atomic_write_json
+from gptlab.errors import UserError
+from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
+
+
+@dataclass(frozen=True)
+class Rule:
+    hf: str
+    ours: tuple[str, ...]
+    transform: str = "copy"  # copy | transpose | split3
+
+
+GPT2_RULES = (
+    Rule("transformer.wte.weight", ("embed_tokens.weight",)),
+    Rule("transformer.wpe.weight", ("embed_positions.weight",)),
+    Rule("transformer.h.{i}.ln_1.weight", ("layers.{i}.input_layernorm.weight",)),
+    Rule("transformer.h.{i}.ln_1.bias", ("layers.{i}.input_layernorm.bias",)),
+    Rule("transformer.h.{i}.attn.c_attn.weight", ("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.k_proj.weight",
+                                                  "layers.{i}.self_attn.v_proj.weight"), "split3"),
+    Rule("transformer.h.{i}.attn.c_attn.bias", ("layers.{i}.self_attn.q_proj.bias", "layers.{i}.self_attn.k_proj.bias",
+                                                "layers.{i}.self_attn.v_proj.bias"), "split3"),
+    Rule("transformer.h.{i}.attn.c_proj.weight", ("layers.{i}.self_attn.o_proj.weight",), "transpose"),
+    Rule("transformer.h.{i}.attn.c_proj.bias", ("layers.{i}.self_attn.o_proj.bias",)),
+    Rule("transformer.h.{i}.ln_2.weight", ("layers.{i}.post_attention_layernorm.weight",)),
+    Rule("transformer.h.{i}.ln_2.bias", ("layers.{i}.post_attention_layernorm.bias",)),
+    Rule("transformer.h.{i}.mlp.c_fc.weight", ("layers.{i}.mlp.up_proj.weight",), "transpose"),
+    Rule("transformer.h.{i}.mlp.c_fc.bias", ("layers.{i}.mlp.up_proj.bias",)),
+    Rule("transformer.h.{i}.mlp.c_proj.weight", ("layers.{i}.mlp.down_proj.weight",), "transpose"),
+    Rule("transformer.h.{i}.mlp.c_proj.bias", ("layers.{i}.mlp.down_proj.bias",)),
+    Rule("transformer.ln_f.weight", ("norm.weight",)),
+    Rule("transformer.ln_f.bias", ("norm.bias",)),
+    Rule("lm_head.weight", ("lm_head.weight",)),
+)
+
+
+def _gpt2_config_in(c: dict[str, Any]) -> dict[str, Any]:
+    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"GPT-2 activation {c['activation_function']!r} is not supported (gptlab's GPT-2 uses "
+                        "the tanh GELU, gelu_new)")
+    inner = c.get("n_inner")
+    if inner is not None and inner != 4 * c["n_embd"]:
+        raise UserError(f"GPT-2 n_inner={inner} is not supported; gptlab's GPT-2 MLP is 4 x n_embd")
+    return {**FAMILY_DEFAULTS["gpt2"], "arch": "gpt2", "norm_eps": c.get("layer_norm_epsilon", 1e-5),
+            "vocab_size": c["vocab_size"], "block_size": c.get("n_positions", 1024),
+            "n_layer": c["n_layer"], "n_head": c["n_head"], "n_embd": c["n_embd"], "bias": True,
+            "tie_embeddings": c.get("tie_word_embeddings", True)}
+
+
+def _gpt2_config_out(cfg: ModelConfig, special: dict[str, int]) -> dict[str, Any]:
+    eos = special.get("<|endoftext|>")
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": eos, "eos_token_id": eos, "torch_dtype": "float32"}
+
+
+# Llama, Qwen2 and Mistral name their tensors as gptlab does, under a "model." prefix.
+_LLAMA_NAMES = ("embed_tokens.weight", "layers.{i}.input_layernorm.weight", "layers.{i}.self_attn.q_proj.weight",
+                "layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.v_proj.weight",
+                "layers.{i}.self_attn.o_proj.weight", "layers.{i}.post_attention_layernorm.weight",
+                "layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.down_proj.weight",
+                "norm.weight")
+_QKV_BIASES = ("layers.{i}.self_attn.q_proj.bias", "layers.{i}.self_attn.k_proj.bias", "layers.{i}.self_attn.v_proj.bias")
+LLAMA_RULES = tuple(Rule("model." + n, (n,)) for n in _LLAMA_NAMES) + (Rule("lm_head.weight", ("lm_head.weight",)),)
+QWEN2_RULES = LLAMA_RULES + tuple(Rule("model." + n, (n,)) for n in _QKV_BIASES)
+
+
+def _rope_in(c: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings from either layout: transformers 5's ``rope_parameters`` or the older
+    ``rope_theta`` + ``rope_scaling`` that most published config.json files still use."""
+    params = dict(c.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or c.get("rope_theta") or 10000.0
+    scaling = c.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if scaling is not None:
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.pop("type", None))
+    return {"rope_theta": float(theta), "rope_scaling": scaling}
+
+
+def _llama_config_in(c: dict[str, Any], family: str) -> dict[str, Any]:
+    problems = []
+    if c.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {c['hidden_act']!r} (only silu)")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        problems.append("attention_bias/mlp_bias (biases on every projection)")
+    head_dim = c.get("head_dim")
+    if head_dim is not None and head_dim * c["num_attention_heads"] != c["hidden_size"]:
+        problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads")
+    partial = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        problems.append(f"partial_rotary_factor {partial} (RoPE on part of each head)")
+    if problems:
+        raise UserError(f"this {family} checkpoint uses options gptlab does not implement: {'; '.join(problems)}")
+    window = c.get("sliding_window") if family == "mistral" or c.get("use_sliding_window") else None
+    return {**FAMILY_DEFAULTS[family], "arch": family, "vocab_size": c["vocab_size"],
+            "block_size": c.get("max_position_embeddings", 2048), "n_layer": c["num_hidden_layers"],
+            "n_head": c["num_attention_heads"], "n_kv_head": c.get("num_key_value_heads") or c["num_attention_heads"],
+            "n_embd": c["hidden_size"], "intermediate_size": c["intermediate_size"],
+            "norm_eps": c.get("rms_norm_eps", 1e-6), "tie_embeddings": c.get("tie_word_embeddings", False),
+            "sliding_window": window, **_rope_in(c)}
+
+
+def _llama_config_out(cfg: ModelConfig, special: dict[str, int], family: str) -> dict[str, Any]:
+    names = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+    rope = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
+    out = {"model_type": family, "architectures": [names[family]], "vocab_size": cfg.vocab_size,
+           "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
+           "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
+           "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+           "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+           "rope_theta": cfg.rope_theta, "rope_parameters": rope, "rope_scaling": cfg.rope_scaling,
+           "attention_bias": False, "torch_dtype": "float32"}
+    if family == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if family == "qwen2":
+        out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
+    return out
+
+
+@dataclass(frozen=True)
+class Family:
+    rules: tuple[Rule, ...]
+    config_in: Any  # HF config.json dict -> ModelConfig kwargs
+    config_out: Any  # (ModelConfig, special tokens) -> HF config.json dict
+    #: HF buffers that are not weights (older GPT-2 files carry the causal mask)
+    ignore_suffixes: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(GPT2_RULES, _gpt2_config_in, _gpt2_config_out, (".attn.bias", ".attn.masked_bias")),
+    **{name: Family(rules, functools.partial(_llama_config_in, family=name),
+                    functools.partial(_llama_config_out, family=name), (".rotary_emb.inv_freq",))
+       for name, rules in (("llama", LLAMA_RULES), ("qwen2", QWEN2_RULES), ("mistral", LLAMA_RULES))},
+}
+
+
+# --- the table, applied -----------------------------------------------------------------------
+
+def _expand(rules: tuple[Rule, ...], n_layer: int) -> list[Rule]:
+    out = []
+    for r in rules:
+        layers = range(n_layer) if "{i}" in r.hf else [None]
+        for i in layers:
+            fmt = (lambda s: s) if i is None else (lambda s, i=i: s.replace("{i}", str(i)))
+            out.append(Rule(fmt(r.hf), tuple(fmt(o) for o in r.ours), r.transform))
+    return out
+
+
+def hf_to_ours(hf: dict[str, torch.Tensor], family: str, cfg: ModelConfig, expected: dict[str, torch.Size]
+               ) -> dict[str, torch.Tensor]:
+    """Rename and reshape an HF state dict into gptlab's; every tensor is accounted for."""
+    fam = FAMILIES[family]
+    hf = {k: v for k, v in hf.items() if not k.endswith(fam.ignore_suffixes)}
+    ours: dict[str, torch.Tensor] = {}
+    used = set()
+    for rule in _expand(fam.rules, cfg.n_layer):
+        if rule.hf not in hf:
+            continue
+        t = hf[rule.hf]
+        used.add(rule.hf)
+        if rule.transform == "transpose":
+            ours[rule.ours[0]] = t.t().contiguous()
+        elif rule.transform == "split3":
+            parts = (t.t() if t.dim() == 2 else t).chunk(3, dim=0)
+            ours.update({name: p.contiguous() for name, p in zip(rule.ours, parts)})
+        else:
+            ours[rule.ours[0]] = t
+    unused = sorted(set(hf) - used)
+    if unused:
+        raise UserError(f"the checkpoint has tensors gptlab's {family} does not use: {', '.join(unused[:5])}")
+    if cfg.tie_embeddings:
+        ours.pop("lm_head.weight", None)
+        ours["lm_head.weight"] = ours.get("embed_tokens.weight")
+    missing = sorted(k for k in expected if k not in ours or ours[k] is None)
+    if missing:
+        raise UserError(f"the checkpoint lacks tensor(s) {', '.join(missing[:5])} needed by its config")
+    for k, shape in expected.items():
+        if ours[k].shape != shape:
+            raise UserError(f"tensor {k} has shape {tuple(ours[k].shape)} in the checkpoint but the config needs "
+                            f"{tuple(shape)}")
+    return ours
+
+
+def ours_to_hf(state: dict[str, torch.Tensor], family: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of ``hf_to_ours``. Biases an HF family always has are written as zeros when
+    the gptlab model has none; a tied head is left out, as transformers saves it."""
+    hf: dict[str, torch.Tensor] = {}
+    for rule in _expand(FAMILIES[family].rules, cfg.n_layer):
+        if cfg.tie_embeddings and rule.hf == "lm_head.weight":
+            continue
+        if not all(o in state for o in rule.ours):
+            like = rule.ours[0].replace(".bias", ".weight")
+            if rule.hf.endswith(".bias") and like in state:
+                rows = state[like].shape[0] * len(rule.ours)
+                hf[rule.hf] = torch.zeros(rows, dtype=state[like].dtype)
+                continue
+            raise UserError(f"the model has no {rule.ours[0]}, which {family} format needs")
+        parts = [state[o] for o in rule.ours]
+        if rule.transform == "transpose":
+            hf[rule.hf] = parts[0].t().contiguous()
+        elif rule.transform == "split3":
+            cat = torch.cat(parts, dim=0)
+            hf[rule.hf] = (cat.t() if cat.dim() == 2 else cat).contiguous()
+        else:
+            hf[rule.hf] = parts[0].contiguous()
+    return hf
+
+
+# --- directories --------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: files copied along with the weights (chat template, generation defaults)
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def is_hf_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def read_hf_config(path: Path) -> tuple[str, ModelConfig]:
+    try:
+        c = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path / 'config.json'} cannot be read ({e})") from None
+    family = c.get("model_type")
+    if family not in FAMILIES:
+        raise UserError(f"{path}: model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return family, ModelConfig(**FAMILIES[family].config_in(c))
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file or sharded safetensors checkpoint."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index} is corrupt ({e})") from None
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise UserError(f"{path} has no model.safetensors (or sharded index); only safetensors weights are read, "
+                        "never pickled .bin files")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            state.update(load_file(str(path / shard)))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path / shard} cannot be read ({e}); the file is truncated or corrupt") from None
+    return state
+
+
+def import_hf(path: str | Path, dtype: str = "fp32"):
+    """Load a Hugging Face model directory as a gptlab ``Checkpoint`` (in memory)."""
+    from gptlab.model.transformer import GPT
+    from gptlab.tokenizers import load_tokenizer_file
+    from gptlab.train.checkpoint import Checkpoint
+
+    path = Path(path)
+    family, cfg = read_hf_config(path)
+    model = GPT(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = hf_to_ours(read_hf_weights(path), family, cfg, expected)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise UserError(f"{path} has no tokenizer.json; gptlab needs the model's tokenizer")
+    tokenizer = load_tokenizer_file(tok_file)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"{tok_file} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
+                        "they do not belong together")
+    return Checkpoint(path, model.to(DTYPES[dtype]), cfg, tokenizer)
+
+
+def save_imported(ckpt, out: str | Path, source: Path) -> None:
+    """Write an imported model as a gptlab checkpoint directory, keeping its side files."""
+    from gptlab.train.checkpoint import save_checkpoint
+
+    out = Path(out)
+    save_checkpoint(out, ckpt.model, ckpt.tokenizer)
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            (out / name).write_bytes((source / name).read_bytes())
+
+
+def export_hf(ckpt, out: str | Path, family: str = "gpt2") -> None:
+    """Write a checkpoint as a Hugging Face directory that ``transformers`` loads."""
+    from gptlab.tokenizers import to_hf_json
+
+    if family not in FAMILIES:
+        raise UserError(f"cannot export as {family!r}; supported: {', '.join(FAMILIES)}")
+    state = {k: v.detach() for k, v in ckpt.model.state_dict().items()}
+    hf = ours_to_hf(state, family, ckpt.config)
+    with atomic_dir(out) as tmp:
+        save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", FAMILIES[family].config_out(ckpt.config, ckpt.tokenizer.special_tokens))
+        atomic_write_json(tmp / "tokenizer.json", to_hf_json(ckpt.tokenizer))
+        for name in SIDE_FILES:
+            src = Path(ckpt.path) / name
+            if src.is_file():
+                (tmp / name).write_bytes(src.read_bytes())
+        if not (tmp / "tokenizer_config.json").exists():
+            eos = next(iter(ckpt.tokenizer.special_tokens), None)
+            atomic_write_json(tmp / "tokenizer_config.json",
+                              {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.config.block_size,
+                               **({"eos_token": eos, "bos_token": eos} if eos else {})})

@@ -1,0 +1,132 @@
+"""The KV cache: cached generation must give exactly what uncached generation gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptlab.errors import UserError
+from gptlab.inference import generate
+from gptlab.model import GPT, KVCache, ModelConfig
+
+V = 128
+SHAPE = {"vocab_size": V, "block_size": 32, "n_layer": 2, "n_embd": 64, "n_head": 4}
+# Every family, and learned positions (GPT-2) next to RoPE ones on an otherwise Llama model.
+VARIANTS = {
+    "gpt2": ("gpt2", {}),
+    "llama": ("llama", {"n_kv_head": 2}),
+    "llama-learned-positions": ("llama", {"n_kv_head": 2, "pos_embedding": "learned"}),
+    "qwen2": ("qwen2", {"n_kv_head": 2}),
+    "mistral": ("mistral", {"n_kv_head": 1, "sliding_window": 8}),
+}
+
+
+def model_of(variant: str, **overrides) -> GPT:
+    family, options = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.for_family(family, **SHAPE, **options, **overrides)).eval()
+    # At init attention is nearly uniform and a tied model repeats its last token; larger
+    # random weights make every output depend on where each key sits, so errors show.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def tokens(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model: GPT, prompt: torch.Tensor, n: int, use_cache: bool) -> list[list[int]]:
+    steps = list(generate(model, prompt, n, temperature=0, use_cache=use_cache))
+    return torch.stack(steps, dim=1).tolist()
+
+
+def record_calls(model: GPT) -> list[tuple[int, bool]]:
+    """(tokens fed, whether with a cache) for every forward pass of ``model``."""
+    calls: list[tuple[int, bool]] = []
+
+    def hook(module, args, kwargs) -> None:
+        calls.append((args[0].size(1), kwargs.get("kv_cache") is not None))
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_and_uncached_greedy_generation_agree(variant):
+    model = model_of(variant)
+    calls = record_calls(model)
+    prompt = tokens(1, 5)
+    cached = greedy(model, prompt, 20, use_cache=True)
+    assert calls == [(5, True)] + [(1, True)] * 19  # prefill, then one token per step
+    assert cached == greedy(model, prompt, 20, use_cache=False)
+    assert len(set(cached[0])) > 1  # not a degenerate repetition that would hide errors
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "reference"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefill_and_decode_logits_equal_full_forward(variant, attn_impl):
+    model = model_of(variant, attn_impl=attn_impl)
+    idx = tokens(2, 32)
+    full, _ = model(idx)
+    cache = model.new_kv_cache()
+    # A prefill of 10, a chunk of 3 new queries against cached keys, then single tokens.
+    pieces = [idx[:, :10], idx[:, 10:13]] + [idx[:, t : t + 1] for t in range(13, 32)]
+    logits = [model(piece, kv_cache=cache)[0] for piece in pieces]
+    assert cache.length == 32
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "mistral"])
+def test_batched_prompts_match_one_at_a_time(variant):
+    model = model_of(variant)
+    prompts = tokens(3, 6)
+    together = greedy(model, prompts, 12, use_cache=True)
+    alone = [greedy(model, prompts[i : i + 1], 12, use_cache=True)[0] for i in range(3)]
+    assert together == alone
+
+
+def test_reset_empties_the_cache_and_reuses_its_memory():
+    model = model_of("llama")
+    cache = model.new_kv_cache()
+    idx = tokens(1, 12)
+    first, _ = model(idx, kv_cache=cache)
+    keys = cache.keys
+    assert cache.length == 12 and keys.shape == (2, 1, 2, 32, 16)  # (L, B, K, max_len, D)
+    cache.reset()
+    assert cache.length == 0
+    again, _ = model(idx, kv_cache=cache)
+    assert cache.keys is keys
+    torch.testing.assert_close(again, first)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "mistral"])
+def test_past_block_size_generation_continues_uncached_with_the_same_tokens(variant):
+    model = model_of(variant)
+    calls = record_calls(model)
+    prompt = tokens(1, 20)
+    cached = greedy(model, prompt, 30, use_cache=True)  # 50 tokens in all, block_size 32
+    # Cached while prompt + output fit in 32 tokens; after that the last 32 are rerun.
+    assert calls == [(20, True)] + [(1, True)] * 12 + [(32, False)] * 17
+    assert cached == greedy(model, prompt, 30, use_cache=False)
+
+
+def test_prompt_longer_than_block_size_runs_uncached():
+    model = model_of("llama")
+    calls = record_calls(model)
+    prompt = tokens(1, 40)
+    assert greedy(model, prompt, 3, use_cache=True) == greedy(model, prompt, 3, use_cache=False)
+    assert calls[:3] == [(32, False)] * 3
+
+
+def test_cache_limits_are_user_errors():
+    model = model_of("gpt2")
+    cache = model.new_kv_cache(max_len=16)
+    model(tokens(2, 10), kv_cache=cache)
+    with pytest.raises(UserError, match="after the 10 cached ones"):
+        model(tokens(2, 7), kv_cache=cache)
+    with pytest.raises(UserError, match="holds 2 sequences, not 1"):
+        model(tokens(1, 1), kv_cache=cache)
+    with pytest.raises(UserError, match="block_size=32"):
+        KVCache(model.config, max_len=33)
