@@ -217,3 +217,21 @@ def test_llama_family_import_export_parity(tmp_path, tokenizer, kind):
     exported = hf.ours_to_hf(ckpt.model.state_dict(), ckpt.config.arch, ckpt.config)
     assert set(exported) == set(ref_state)
     assert all(torch.equal(exported[k], ref_state[k]) for k in ref_state)
+
+
+def test_hf_hub_spec_downloads_then_imports(tmp_path, tokenizer, monkeypatch):
+    import huggingface_hub
+
+    make_gpt2_dir(tmp_path / "snap", tokenizer)
+    calls = []
+
+    def fake_snapshot_download(repo, revision=None, allow_patterns=None):
+        calls.append((repo, revision))
+        assert "*.safetensors" in allow_patterns and "tokenizer.json" in allow_patterns
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    ckpt = load_checkpoint("hf:openai-community/gpt2@main")
+    assert calls == [("openai-community/gpt2", "main")] and ckpt.config.n_layer == 2
+    with pytest.raises(UserError, match="expected hf:ORG/NAME"):
+        load_checkpoint("hf:gpt2")

@@ -323,6 +323,29 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
+# --- gptlab embed --------------------------------------------------------------------------
+
+def _embed(args: argparse.Namespace) -> None:
+    from gptlab.inference.embed import run_embed
+
+    run_embed(args.model, args.text, batch_size=args.batch_size, normalize=not args.no_normalize, device=args.device)
+
+
+def add_embed(sub: argparse._SubParsersAction) -> None:
+    from gptlab.weights.bert import NAMED_BERTS
+
+    p = sub.add_parser("embed", help="sentence embeddings from a BERT encoder",
+                       description="Embed texts with a BERT encoder (mean pooling over the tokens, L2-normalised) "
+                                   "and print each vector and, for several texts, their cosine similarities.")
+    p.add_argument("model", metavar="MODEL",
+                   help=f"a named model ({', '.join(NAMED_BERTS)}) or a Hugging Face BERT directory")
+    p.add_argument("--text", action="append", required=True, metavar="TEXT", help="a text to embed (repeatable)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default: 32)")
+    p.add_argument("--no-normalize", action="store_true", help="keep the mean-pooled vectors' own length")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.set_defaults(func=_embed)
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample, add_import, add_export):
+    for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample, add_import, add_export, add_embed):
         add(sub)
     return parser
 

@@ -95,6 +95,9 @@ class HFTokenizer(Tokenizer):
 def _load(hf_json: dict[str, Any]):
     from tokenizers import Tokenizer as _HF
 
+    # A file may switch on padding or truncation (MiniLM pads everything to 128); encode() must
+    # return a text's own ids, so those stay off here and batching code pads explicitly.
+    hf_json = {**hf_json, "padding": None, "truncation": None}
     try:
         return _HF.from_str(json.dumps(hf_json))
     except Exception as e:  # the library raises a bare Exception for malformed files

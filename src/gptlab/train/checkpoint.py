@@ -106,10 +106,12 @@ def load_weights(model: GPT, ckpt_dir: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> Checkpoint:
-    """Load model, config and tokenizer from a checkpoint or run directory, or from a Hugging
-    Face model directory (imported on the fly)."""
-    from gptlab.weights.hf import import_hf, is_hf_dir
+    """Load model, config and tokenizer from any MODEL argument: a gptlab checkpoint or run
+    directory, a Hugging Face model directory, or ``hf:ORG/NAME`` (both imported on the fly)."""
+    from gptlab.weights.hf import download_hf, import_hf, is_hf_dir
 
+    if str(path).startswith("hf:"):
+        path = download_hf(str(path))
     if is_hf_dir(Path(path)):  # our config.json has no model_type; Hugging Face's always does
         loaded = import_hf(path)
         loaded.model.to(device)

@@ -341,3 +341,22 @@ def export_hf(ckpt, out: str | Path, family: str = "gpt2") -> None:
             atomic_write_json(tmp / "tokenizer_config.json",
                               {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.config.block_size,
                                **({"eos_token": eos, "bos_token": eos} if eos else {})})
+
+
+def download_hf(spec: str) -> Path:
+    """``hf:ORG/NAME[@REVISION]``: fetch the model's config, safetensors and tokenizer files from
+    the Hugging Face Hub into its cache (online only) and return the local directory."""
+    repo, _, revision = spec[len("hf:"):].partition("@")
+    if repo.count("/") != 1:
+        raise UserError(f"{spec!r}: expected hf:ORG/NAME, for example hf:HuggingFaceTB/SmolLM2-135M-Instruct")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError("hf:ORG/NAME needs the huggingface_hub package: pip install huggingface_hub") from None
+    patterns = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns))
+    except Exception as e:  # the hub raises many types (offline, not found, gated)
+        raise UserError(f"could not download {repo} from the Hugging Face Hub ({type(e).__name__}); check the "
+                        "name and the network, or download it yourself and give the directory") from None
