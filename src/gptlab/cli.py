@@ -274,15 +274,23 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
 def _import(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from gptlab.train.checkpoint import resolve_model_source
+    from gptlab.weights.gguf import import_gguf, save_gguf_import
     from gptlab.weights.hf import import_hf, is_hf_dir, save_imported
 
-    src, out = Path(args.src), Path(args.out)
-    if not is_hf_dir(src):
-        raise UserError(f"{src} is not a Hugging Face model directory (config.json with a model_type)")
+    out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
-    ckpt = import_hf(src, dtype=args.dtype)
-    save_imported(ckpt, out, src)
+    src = resolve_model_source(args.src)
+    if src.suffix == ".gguf":
+        ckpt = import_gguf(src, dtype=args.dtype)
+        save_gguf_import(ckpt, out)
+    elif is_hf_dir(src):
+        ckpt = import_hf(src, dtype=args.dtype)
+        save_imported(ckpt, out, src)
+    else:
+        raise UserError(f"{src} is neither a Hugging Face model directory (config.json with a model_type), "
+                        "a .gguf file, nor a named model (smollm2-135m-instruct)")
     print(f"imported {src} ({ckpt.model.num_parameters():,} parameters, {args.dtype}) into {out}")
 
 
@@ -301,10 +309,11 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def add_import(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="import a Hugging Face model directory as a gptlab checkpoint",
+    p = sub.add_parser("import", help="import a Hugging Face model, a GGUF file or a named model",
                        description="Convert a Hugging Face model directory (config.json, safetensors weights, "
-                                   "tokenizer.json) into a gptlab checkpoint directory.")
-    p.add_argument("src", help="Hugging Face model directory")
+                                   "tokenizer.json), hf:ORG/NAME, a .gguf file or a named model "
+                                   "(smollm2-135m-instruct) into a gptlab checkpoint directory.")
+    p.add_argument("src", help="Hugging Face directory, hf:ORG/NAME, .gguf file or named model")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="precision of the stored weights (default: fp32)")

@@ -105,13 +105,34 @@ def load_weights(model: GPT, ckpt_dir: Path) -> None:
     model.load_state_dict(state)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> Checkpoint:
-    """Load model, config and tokenizer from any MODEL argument: a gptlab checkpoint or run
-    directory, a Hugging Face model directory, or ``hf:ORG/NAME`` (both imported on the fly)."""
-    from gptlab.weights.hf import download_hf, import_hf, is_hf_dir
+def resolve_model_source(path: str | Path) -> Path:
+    """Turn a named model or ``hf:ORG/NAME`` into a local path; other paths pass through.
+
+    A named model is used only when no file or folder of that name exists, so a user's path wins.
+    """
+    from gptlab.weights.hf import download_hf
+    from gptlab.weights.named import NAMED_MODELS, resolve_named
 
     if str(path).startswith("hf:"):
-        path = download_hf(str(path))
+        return download_hf(str(path))
+    if str(path) in NAMED_MODELS and not Path(path).exists():
+        return resolve_named(str(path))
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> Checkpoint:
+    """Load model, config and tokenizer from any MODEL argument: a gptlab checkpoint or run
+    directory, a Hugging Face model directory, ``hf:ORG/NAME``, a ``.gguf`` file or a named
+    model such as ``smollm2-135m-instruct`` (all but the first imported on the fly)."""
+    path = resolve_model_source(path)
+    if Path(path).suffix == ".gguf":
+        from gptlab.weights.gguf import import_gguf
+
+        loaded = import_gguf(path)
+        loaded.model.to(device)
+        return loaded
+    from gptlab.weights.hf import import_hf, is_hf_dir
+
     if is_hf_dir(Path(path)):  # our config.json has no model_type; Hugging Face's always does
         loaded = import_hf(path)
         loaded.model.to(device)

@@ -1,0 +1,288 @@
+"""GGUF files (llama.cpp's format) in: weights, config and tokenizer from one file.
+
+A GGUF file holds everything a model needs: metadata (hyper-parameters under
+``{architecture}.*``, the tokenizer under ``tokenizer.*``) and tensors, each stored in its own
+type (float, or a block-quantised type such as Q4_1 or Q8_0). Importing it is
+- dequantising every tensor to float32 (``gguf.quants.dequantize``);
+- renaming llama.cpp's tensors to gptlab's (``GLOBAL_NAMES``, ``LAYER_NAMES``: data, as in
+  ``weights/hf.py``);
+- undoing the row permutation that llama.cpp's converter applies to Llama's q and k weights
+  (``unpermute_qk``);
+- reading the ``ModelConfig`` and a Hugging Face ``tokenizer.json`` from the metadata.
+
+GGUF writes a tensor's shape fastest-varying dimension first (ggml's ``ne``); numpy and torch
+write it slowest first, so every shape read from the file is reversed.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gptlab.errors import UserError
+from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
+from gptlab.tokenizers.bpe import bytes_to_unicode, render_token
+from gptlab.tokenizers.hf import HFTokenizer
+from gptlab.train.checkpoint import Checkpoint, save_checkpoint
+from gptlab.weights.hf import DTYPES
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str
+    """gptlab's family (``FAMILY_DEFAULTS``) the architecture is."""
+    permute_qk: bool
+    """Whether llama.cpp's converter permuted the q and k rows (it does for Llama only)."""
+
+
+ARCHITECTURES = {"llama": Arch("llama", True), "qwen2": Arch("qwen2", False)}
+
+GLOBAL_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",  # absent when the head is tied to the embedding
+}
+# Tensors of block N are "blk.N.<key>" in GGUF and "layers.N.<value>" in gptlab.
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",  # Qwen2's q/k/v biases
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+# How each pre-tokenizer named by ``tokenizer.ggml.pre`` cuts text before BPE, as in llama.cpp's
+# llama-vocab.cpp: regexes applied in turn (each match kept as its own piece), and whether
+# GPT-2's own regex runs after them. Names not listed get GPT-2's regex alone.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "gpt2": ((), True),
+    "default": ((), True),
+    # SmolLM's vocabulary was trained on single digits (its tokenizer.json has Digits first).
+    "smollm": ((r"\p{N}",), True),
+    "llama-bpe": ((_LLAMA3_SPLIT,), False),
+    "llama3": ((_LLAMA3_SPLIT,), False),
+    "qwen2": ((_QWEN2_SPLIT,), False),
+}
+# llama.cpp's token types (tokenizer.ggml.token_type).
+CONTROL, USER_DEFINED = 3, 4
+
+
+@dataclass
+class GGUFCheckpoint(Checkpoint):
+    """A ``Checkpoint`` plus what a GGUF file says about chat use: a Hugging Face
+    ``tokenizer_config.json`` dict (``chat_template``, ``bos_token``, ``eos_token``, ...)."""
+
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation; ``n_head`` is the number of heads ``w`` holds.
+
+    llama.cpp rotates interleaved pairs (dims 2j, 2j+1) while Hugging Face rotates halves
+    (dims j, j + head_dim/2), so its converter reorders each head's rows from halves to pairs:
+    ``w.reshape(n_head, 2, head_dim // 2, in).swapaxes(1, 2)``. Swapping back is the exact inverse.
+    """
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def read_gguf(path: Path) -> gguf.GGUFReader:
+    """A ``gguf.GGUFReader`` for ``path``; a missing, foreign or damaged file is a UserError."""
+    if not path.is_file():
+        raise UserError(f"GGUF file {path} does not exist; give the path of a .gguf file")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        raise UserError(f"{path} cannot be read as GGUF ({str(e).splitlines()[0][:120]}); "
+                        "the file is truncated, corrupt or not a GGUF file") from None
+
+
+def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    # "GGUF.*" fields describe the file itself (version, counts), not the model.
+    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def _dequantize(reader: gguf.GGUFReader, path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the file as float32, in numpy's dimension order, under its GGUF name."""
+    out = {}
+    for t in tqdm(reader.tensors, desc=f"dequantise {path.name}", unit="tensor", leave=False):
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise UserError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package "
+                            "cannot dequantise; use a file quantised as F16, Q8_0, Q4_K or Q6_K") from None
+        except ValueError as e:  # the data is shorter than its shape says: the file was cut off
+            raise UserError(f"{path}: tensor {t.name} cannot be read ({str(e).splitlines()[0][:100]}); "
+                            "the file is truncated or corrupt") from None
+        out[t.name] = values.reshape(tuple(int(d) for d in reversed(t.shape)))
+    return out
+
+
+def _our_name(name: str) -> str | None:
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
+        return f"layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def config_from_metadata(meta: dict[str, Any], path: Path, tied: bool) -> tuple[Arch, ModelConfig]:
+    """The ``ModelConfig`` a GGUF file's ``{architecture}.*`` metadata describes."""
+    arch_name = meta.get("general.architecture")
+    if arch_name not in ARCHITECTURES:
+        raise UserError(f"{path}: GGUF architecture {arch_name!r} is not supported; supported: "
+                        f"{', '.join(ARCHITECTURES)}")
+    arch = ARCHITECTURES[arch_name]
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch_name}.{key}", default)
+        if value is None:
+            raise UserError(f"{path} lacks the metadata key {arch_name}.{key}; the file is incomplete")
+        return value
+
+    n_embd, n_head = int(get("embedding_length")), get("attention.head_count")
+    if not isinstance(n_head, int) or n_head <= 0:  # some files give a list, one count per layer
+        raise UserError(f"{path}: {arch_name}.attention.head_count = {n_head!r}; gptlab needs one positive count "
+                        "for every layer")
+    head_dim = n_embd // n_head
+    problems = [f"{arch_name}.{key} = {meta[f'{arch_name}.{key}']} (gptlab needs {head_dim} = embedding_length / "
+                "head_count)" for key in ("rope.dimension_count", "attention.key_length", "attention.value_length")
+                if meta.get(f"{arch_name}.{key}", head_dim) != head_dim]
+    if meta.get(f"{arch_name}.rope.scaling.type", "none") != "none":
+        problems.append(f"{arch_name}.rope.scaling.type = {meta[f'{arch_name}.rope.scaling.type']}")
+    if problems:
+        raise UserError(f"{path} uses options gptlab does not implement: {'; '.join(problems)}")
+    if "tokenizer.ggml.tokens" not in meta:
+        raise UserError(f"{path} has no tokenizer (tokenizer.ggml.tokens); gptlab needs the model's tokenizer")
+    defaults = FAMILY_DEFAULTS[arch.family]
+    return arch, ModelConfig.for_family(
+        arch.family, vocab_size=len(meta["tokenizer.ggml.tokens"]), block_size=int(get("context_length")),
+        n_layer=int(get("block_count")), n_embd=n_embd, n_head=n_head,
+        n_kv_head=int(get("attention.head_count_kv", n_head)), intermediate_size=int(get("feed_forward_length")),
+        rope_theta=float(get("rope.freq_base", defaults["rope_theta"])),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", defaults["norm_eps"])), tie_embeddings=tied)
+
+
+def tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> tuple[HFTokenizer, dict[str, Any]]:
+    """A Hugging Face byte-level BPE tokenizer and its ``tokenizer_config.json`` dict.
+
+    Choices follow transformers' own GGUF conversion (``GPT2Tokenizer``: ByteLevel without
+    prefix space, ByteLevel decoder; control tokens special, user-defined ones added), except
+    that the pre-tokenizer follows ``tokenizer.ggml.pre`` as llama.cpp does (``PRE_TOKENIZERS``).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UserError(f"{path}: tokenizer model {kind!r} is not supported; gptlab reads byte-level BPE "
+                        "('gpt2') GGUF vocabularies only")
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    alphabet = set(bytes_to_unicode().values())
+    # Byte-level tokens are spelled in GPT-2's byte alphabet; one that is not (a mislabelled
+    # control token) is respelled byte by byte, as transformers does, and is not made special.
+    spelled = {t: i for i, t in enumerate(tokens) if set(t) <= alphabet}
+    respelled = {render_token(t.encode("utf-8")): i for i, t in enumerate(tokens) if t not in spelled}
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab={**spelled, **respelled}, merges=merges, fuse_unk=False, byte_fallback=False))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        warnings.warn(f"{path}: pre-tokenizer {pre!r} is unknown to gptlab; splitting text as GPT-2 does, so ids may "
+                      "differ from llama.cpp's", stacklevel=2)
+    splits, gpt2_regex = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+        + [ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=gpt2_regex)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == CONTROL and t in spelled])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in spelled])
+
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")):
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            config[name] = tokens[token_id]
+    for name in ("add_bos_token", "add_eos_token"):
+        if f"tokenizer.ggml.{name}" in meta:
+            config[name] = bool(meta[f"tokenizer.ggml.{name}"])
+    if "tokenizer.chat_template" in meta:
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return HFTokenizer(json.loads(tok.to_str())), config
+
+
+def import_gguf(path: str | Path, dtype: str = "fp32") -> GGUFCheckpoint:
+    """Load a GGUF file (Llama or Qwen2 architecture, byte-level BPE vocabulary) as a gptlab
+    checkpoint in memory; quantised tensors are dequantised, then cast to ``dtype``."""
+    from gptlab.model.transformer import GPT
+
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    reader = read_gguf(path)
+    meta = _metadata(reader)
+    tied = "output.weight" not in {t.name for t in reader.tensors}
+    arch, cfg = config_from_metadata(meta, path, tied)
+    tokenizer, tokenizer_config = tokenizer_from_metadata(meta, path)
+
+    state: dict[str, torch.Tensor] = {}
+    unknown = []
+    for name, values in _dequantize(reader, path).items():
+        ours = _our_name(name)
+        if ours is None:
+            unknown.append(name)
+            continue
+        t = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: F32 data is a read-only memmap
+        if arch.permute_qk and ours.endswith(("q_proj.weight", "k_proj.weight")):
+            t = unpermute_qk(t, cfg.n_head if "q_proj" in ours else cfg.kv_heads)
+        state[ours] = t
+    if unknown:
+        raise UserError(f"{path} has tensors gptlab's {arch.family} does not use: {', '.join(unknown[:5])}")
+    if tied:
+        state["lm_head.weight"] = state.get("embed_tokens.weight")
+
+    model = GPT(cfg)
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if state.get(k) is None)
+    wrong = [f"{k} {tuple(state[k].shape)} (config needs {tuple(v.shape)})" for k, v in expected.items()
+             if k not in missing and state[k].shape != v.shape]
+    # e.g. q/k/v biases in a llama file: gptlab's llama has none (and they would need unpermuting)
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected or wrong:
+        raise UserError(f"{path} does not match its own metadata: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                        f"wrong shapes {wrong[:5]}")
+    model.load_state_dict(state)
+    return GGUFCheckpoint(path, model.to(DTYPES[dtype]).eval(), cfg, tokenizer, tokenizer_config)
+
+
+def save_gguf_import(ckpt: GGUFCheckpoint, out: str | Path) -> None:
+    """Write an imported GGUF model as a gptlab checkpoint directory with its
+    ``tokenizer_config.json`` (chat template, special tokens) beside it."""
+    from gptlab.cache import atomic_write_json
+
+    out = Path(out)
+    save_checkpoint(out, ckpt.model, ckpt.tokenizer)
+    atomic_write_json(out / "tokenizer_config.json", ckpt.tokenizer_config)
