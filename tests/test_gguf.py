@@ -49,10 +49,11 @@ def hf_tokenizer() -> Tokenizer:
     return tok
 
 
-def hf_model(arch: str, vocab: int, tied: bool) -> "transformers.PreTrainedModel":
+def hf_model(arch: str, vocab: int, tied: bool, intermediate_size: int = 128) -> "transformers.PreTrainedModel":
     torch.manual_seed(0)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tied)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+                  tie_word_embeddings=tied)
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_theta=50000.0))
     else:
@@ -72,9 +73,12 @@ def gguf_name(hf_name: str) -> str:
 
 
 def write_gguf(path: Path, model, tok: Tokenizer, qtype: str = "F32", arch: str = "llama",
-               extra: dict[str, np.ndarray] | None = None) -> Path:
+               extra: dict[str, np.ndarray] | None = None,
+               raw: dict[str, tuple[gguf.GGMLQuantizationType, np.ndarray]] | None = None) -> Path:
     """Write ``model`` and ``tok`` as llama.cpp's converter would: metadata, permuted q/k for
-    Llama, 1-D tensors in F32 and matrices in ``qtype``; then the ``extra`` tensors as given."""
+    Llama, 1-D tensors in F32 and matrices in ``qtype``; then the ``extra`` tensors as given.
+    A tensor named (GGUF name) in ``raw`` is written as those raw block bytes of that type instead."""
+    raw = raw or {}
     cfg = model.config
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -101,7 +105,10 @@ def write_gguf(path: Path, model, tok: Tokenizer, qtype: str = "F32", arch: str 
         data = t.numpy()
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = llamacpp_permute(data, cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads)
-        if data.ndim == 1 or qtype == "F32":
+        if gguf_name(name) in raw:
+            raw_type, blocks = raw[gguf_name(name)]
+            w.add_tensor(gguf_name(name), blocks, raw_dtype=raw_type)
+        elif data.ndim == 1 or qtype == "F32":
             w.add_tensor(gguf_name(name), np.ascontiguousarray(data, dtype=np.float32))
         else:
             q = gguf.GGMLQuantizationType[qtype]
@@ -154,6 +161,51 @@ def test_4bit_weights_land_in_place(tmp_path, hf_tokenizer, qtype):
     for name, t in ref.state_dict().items():
         mine = ours[name.removeprefix("model.")]
         assert torch.cosine_similarity(mine.flatten(), t.flatten(), dim=0) > 0.98, name
+
+
+def random_k_blocks(qtype: gguf.GGMLQuantizationType, shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Valid raw bytes for a ``shape`` (numpy order) matrix stored as ``qtype`` (Q4_K or Q6_K),
+    which the gguf package can dequantise but not quantise: random bytes per 256-value
+    super-block, with its fp16 scales (Q4_K: d, dmin in bytes 0-3; Q6_K: d in the last 2 bytes)
+    set to small finite values so no weight is NaN, inf or huge."""
+    block_values, block_bytes = gguf.constants.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    assert cols % block_values == 0
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, cols // block_values, block_bytes), dtype=np.uint8)
+    scales = rng.uniform(2e-4, 2e-3, blocks.shape[:2] + (2,)).astype(np.float16).view(np.uint8)
+    if qtype == gguf.GGMLQuantizationType.Q4_K:
+        blocks[..., 0:4] = scales.reshape(*blocks.shape[:2], 4)  # d, dmin
+    else:
+        blocks[..., -2:] = scales[..., 0:2]  # d
+    return blocks.reshape(rows, -1)  # gguf's byte shape: (rows, bytes per row)
+
+
+def test_k_quant_weights_are_dequantised_in_place(tmp_path, hf_tokenizer):
+    """Q4_K and Q6_K, which llama.cpp's files use most: each imported matrix equals the gguf
+    package's own dequantisation of its blocks, exactly, and the rest of the model is untouched.
+    The down projections' rows hold 512 values (two 256-value super-blocks), so a block order
+    or row layout mix-up shows."""
+    vocab = hf_tokenizer.get_vocab_size()
+    ref = hf_model("llama", vocab, False, intermediate_size=512)
+    q4k, q6k = gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K
+    shape = tuple(ref.model.layers[0].mlp.down_proj.weight.shape)
+    assert shape == (64, 512)
+    raw = {"blk.0.ffn_down.weight": (q4k, random_k_blocks(q4k, shape, 0)),
+           "blk.1.ffn_down.weight": (q6k, random_k_blocks(q6k, shape, 1))}
+    ckpt = import_gguf(write_gguf(tmp_path / "m.gguf", ref, hf_tokenizer, raw=raw))
+    ours = ckpt.model.state_dict()
+
+    for i, (qtype, blocks) in enumerate(raw.values()):
+        expected = gguf.quants.dequantize(blocks, qtype).astype(np.float32).reshape(shape)
+        assert np.isfinite(expected).all() and expected.std() > 1e-3
+        mine = ours[f"layers.{i}.mlp.down_proj.weight"]
+        assert mine.dtype == torch.float32 and np.array_equal(mine.numpy(), expected), qtype.name
+        with torch.no_grad():  # the reference then carries the same weights
+            ref.model.layers[i].mlp.down_proj.weight.copy_(torch.from_numpy(expected))
+    for name, t in ref.state_dict().items():
+        assert torch.equal(ours[name.removeprefix("model.")], t), name
+    assert max_logit_diff(ckpt, ref, vocab) <= TOLERANCE["F32"]
 
 
 def test_tokenizer_and_chat_config_round_trip(tmp_path, hf_tokenizer):
