@@ -74,8 +74,8 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path, tokenizer):
     x = torch.randint(VOCAB, (1, 50))
     with torch.no_grad():
         assert (loaded(x).logits - ckpt.model.eval()(x)[0]).abs().max().item() <= 1e-5
-    sample = TEXT[:30_000]
-    assert auto_tok.encode(sample) == tokenizer.encode(sample)
+    assert len(TEXT.encode()) >= 100_000
+    assert auto_tok.encode(TEXT) == tokenizer.encode(TEXT)
     again = hf.import_hf(tmp_path / "out")
     for k, v in ckpt.model.state_dict().items():
         assert torch.equal(v, again.model.state_dict()[k]), k
@@ -145,7 +145,7 @@ def test_bad_checkpoints_are_one_line(tmp_path, tokenizer, capsys):
     _expect_one_line(["import", str(src), *out], capsys, "layers.1.mlp.up_proj.weight")
 
     save_file({**weights, "transformer.wpe.weight": torch.zeros(10, 32)}, str(src / "model.safetensors"))
-    _expect_one_line(["import", str(src), *out], capsys, "embed_positions.weight", "(10, 32)", "(64, 32)")
+    _expect_one_line(["import", str(src), *out], capsys, "embed_positions.weight", "(10, 32) but the model needs (64, 32)")
 
     save_file(weights, str(src / "model.safetensors"))
     data = (src / "model.safetensors").read_bytes()

@@ -28,6 +28,7 @@ from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import Tokenizer, load_tokenizer_file
+from gptlab.weights import check_state_dict
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
@@ -95,13 +96,7 @@ def load_weights(model: GPT, ckpt_dir: Path) -> None:
         raise UserError(f"{ckpt_dir / WEIGHTS} cannot be read ({e}); the checkpoint is corrupt") from None
     if model.config.tie_embeddings and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise UserError(f"{ckpt_dir / WEIGHTS} does not match its config.json: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    check_state_dict(state, model.state_dict(), f"{ckpt_dir / WEIGHTS} (with its config.json)")
     model.load_state_dict(state)
 
 

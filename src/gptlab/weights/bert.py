@@ -23,6 +23,7 @@ from gptlab.errors import UserError
 from gptlab.model.bert import Bert, BertConfig
 from gptlab.tokenizers import load_tokenizer_file
 from gptlab.tokenizers.hf import HFTokenizer
+from gptlab.weights import check_state_dict
 from gptlab.weights.hf import DTYPES, Rule, _expand, read_hf_weights
 
 
@@ -87,13 +88,7 @@ def hf_to_bert(hf: dict[str, torch.Tensor], cfg: BertConfig, expected: dict[str,
     unused = sorted(set(hf) - {rule.hf for rule in expanded} - set(IGNORED) - set(TIED))
     if unused:
         raise UserError(f"the checkpoint has tensors gptlab's BERT does not use: {', '.join(unused[:5])}")
-    missing = sorted(set(expected) - set(ours))
-    if missing:
-        raise UserError(f"the checkpoint lacks tensor(s) {', '.join(missing[:5])} needed by its config")
-    for k, shape in expected.items():
-        if ours[k].shape != shape:
-            raise UserError(f"tensor {k} has shape {tuple(ours[k].shape)} in the checkpoint but the config needs "
-                            f"{tuple(shape)}")
+    check_state_dict(ours, expected, "the BERT checkpoint")
     for copy, original in TIED.items():
         if copy in hf and (original not in ours or not torch.equal(hf[copy], ours[original])):
             raise UserError(f"the checkpoint's {copy} differs from {original}; gptlab's BERT ties the MLM decoder "

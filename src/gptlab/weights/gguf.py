@@ -32,6 +32,7 @@ from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
 from gptlab.tokenizers.bpe import bytes_to_unicode, render_token
 from gptlab.tokenizers.hf import HFTokenizer
 from gptlab.train.checkpoint import Checkpoint, save_checkpoint
+from gptlab.weights import check_state_dict
 from gptlab.weights.hf import DTYPES
 
 
@@ -265,15 +266,8 @@ def import_gguf(path: str | Path, dtype: str = "fp32") -> GGUFCheckpoint:
         state["lm_head.weight"] = state.get("embed_tokens.weight")
 
     model = GPT(cfg)
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if state.get(k) is None)
-    wrong = [f"{k} {tuple(state[k].shape)} (config needs {tuple(v.shape)})" for k, v in expected.items()
-             if k not in missing and state[k].shape != v.shape]
-    # e.g. q/k/v biases in a llama file: gptlab's llama has none (and they would need unpermuting)
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected or wrong:
-        raise UserError(f"{path} does not match its own metadata: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                        f"wrong shapes {wrong[:5]}")
+    # Unexpected tensors are e.g. q/k/v biases in a llama file: gptlab's llama has none.
+    check_state_dict(state, model.state_dict(), f"{path} (with its own metadata)")
     model.load_state_dict(state)
     return GGUFCheckpoint(path, model.to(DTYPES[dtype]).eval(), cfg, tokenizer, tokenizer_config)
 

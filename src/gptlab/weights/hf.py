@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from gptlab.cache import atomic_dir, atomic_write_json
 from gptlab.errors import UserError
 from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
+from gptlab.weights import check_state_dict
 
 
 @dataclass(frozen=True)
@@ -202,13 +203,7 @@ def hf_to_ours(hf: dict[str, torch.Tensor], family: str, cfg: ModelConfig, expec
     if cfg.tie_embeddings:
         ours.pop("lm_head.weight", None)
         ours["lm_head.weight"] = ours.get("embed_tokens.weight")
-    missing = sorted(k for k in expected if k not in ours or ours[k] is None)
-    if missing:
-        raise UserError(f"the checkpoint lacks tensor(s) {', '.join(missing[:5])} needed by its config")
-    for k, shape in expected.items():
-        if ours[k].shape != shape:
-            raise UserError(f"tensor {k} has shape {tuple(ours[k].shape)} in the checkpoint but the config needs "
-                            f"{tuple(shape)}")
+    check_state_dict(ours, expected, f"the {family} checkpoint")
     return ours
 
 
