@@ -235,3 +235,15 @@ def test_hf_hub_spec_downloads_then_imports(tmp_path, tokenizer, monkeypatch):
     assert calls == [("openai-community/gpt2", "main")] and ckpt.config.n_layer == 2
     with pytest.raises(UserError, match="expected hf:ORG/NAME"):
         load_checkpoint("hf:gpt2")
+
+
+def test_sharded_checkpoint_imports(tmp_path, tokenizer):
+    ref = make_gpt2_dir(tmp_path / "one", tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    (tmp_path / "sharded" / "tokenizer.json").write_text((tmp_path / "one" / "tokenizer.json").read_text())
+    shards = list((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    a, b = hf.import_hf(tmp_path / "one").model.state_dict(), hf.import_hf(tmp_path / "sharded").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
