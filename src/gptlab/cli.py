@@ -355,6 +355,34 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_embed)
 
 
+# --- gptlab chat ---------------------------------------------------------------------------
+
+def _chat(args: argparse.Namespace) -> None:
+    from gptlab.inference.chat import run_chat
+    from gptlab.inference.engine import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    run_chat(args.model, system=args.system, params=params, device=args.device)
+
+
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk to a model in the terminal",
+                       description="A multi-turn chat in the terminal, streamed as it is generated. Commands: "
+                                   "/reset, /system TEXT, /temp X, /help, /quit; Ctrl-C stops the current answer.")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint, run directory, Hugging Face directory, .gguf file or named model "
+                        "(default: smollm2-135m-instruct, which works offline)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set reaching probability p")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest answer in tokens (default: 256)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible answers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.set_defaults(func=_chat)
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample, add_import, add_export, add_embed):
+    for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample, add_import, add_export, add_embed, add_chat):
         add(sub)
     return parser
 
