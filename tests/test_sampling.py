@@ -195,3 +195,41 @@ def test_generate_with_tiny_gpt_is_seeded_and_crops_a_long_prompt():
     assert len(tokens) == 12 and all(0 <= t < 32 for t in tokens)
     assert run(0) == tokens
     assert run(1) != tokens
+
+
+# --- repetition penalty ------------------------------------------------------------------------
+
+def test_repetition_penalty_by_hand_and_against_transformers():
+    from gptlab.inference.sampling import apply_repetition_penalty
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    previous = torch.tensor([[0, 1, 1]])  # token 0 and token 1 (twice: penalised once)
+    out = apply_repetition_penalty(logits, previous, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    assert logits.tolist() == [[2.0, -1.0, 0.5, 3.0]]  # pure: the input is unchanged
+    transformers = pytest.importorskip("transformers")
+    proc = transformers.RepetitionPenaltyLogitsProcessor(1.3)
+    g = torch.Generator().manual_seed(0)
+    big, prev = torch.randn(3, 50, generator=g), torch.randint(50, (3, 12), generator=g)
+    torch.testing.assert_close(apply_repetition_penalty(big, prev, 1.3), proc(prev, big.clone()))
+    with pytest.raises(UserError, match="repetition_penalty"):
+        apply_repetition_penalty(logits, previous, 0.0)
+
+
+def test_repetition_penalty_changes_greedy_generation():
+    from types import SimpleNamespace
+
+    class Repeater(torch.nn.Module):
+        """Prefers token 1 slightly over token 2 every step."""
+
+        config = SimpleNamespace(block_size=16)
+
+        def forward(self, idx, targets=None):
+            logits = torch.zeros(idx.size(0), idx.size(1), 4)
+            logits[..., 1], logits[..., 2] = 1.0, 0.9
+            return logits, None
+
+    prompt = torch.tensor([[0]])
+    plain = [int(t) for t in generate(Repeater(), prompt, 3, temperature=0.0)]
+    penalised = [int(t) for t in generate(Repeater(), prompt, 3, temperature=0.0, repetition_penalty=2.0)]
+    assert plain == [1, 1, 1] and penalised[:2] == [1, 2]

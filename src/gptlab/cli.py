@@ -245,7 +245,7 @@ def _sample(args: argparse.Namespace) -> None:
 
     run_sample(args.model, prompt=args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
-               min_p=args.min_p, seed=args.seed, device=args.device)
+               min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, device=args.device)
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -263,6 +263,8 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
                    help="sample only from the smallest set of tokens whose probability reaches p")
     p.add_argument("--min-p", type=float, default=None,
                    help="drop tokens less likely than min_p times the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="above 1 discourages repeating earlier tokens (default: off)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
@@ -362,7 +364,8 @@ def _chat(args: argparse.Namespace) -> None:
     from gptlab.inference.engine import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+                            repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed)
     run_chat(args.model, system=args.system, params=params, device=args.device)
 
 
@@ -377,10 +380,34 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
     p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set reaching probability p")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="above 1 discourages repeating earlier tokens (default: off)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest answer in tokens (default: 256)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible answers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.set_defaults(func=_chat)
+
+
+# --- gptlab serve --------------------------------------------------------------------------
+
+def _serve(args: argparse.Namespace) -> None:
+    from gptlab.serve import run_server
+
+    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device)
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model: a chat web page and an OpenAI-compatible API",
+                       description="A chat page at / and an OpenAI-compatible API at /v1 (models, chat/completions, "
+                                   "completions; streaming or not).")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint, run directory, Hugging Face directory, .gguf file or named model "
+                        "(default: smollm2-135m-instruct, which works offline)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.set_defaults(func=_serve)
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -393,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample, add_import, add_export, add_embed, add_chat):
+    for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample, add_import, add_export, add_embed, add_chat, add_serve):
         add(sub)
     return parser
 

@@ -39,6 +39,7 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
     max_new_tokens: int = 256
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
@@ -107,7 +108,8 @@ class Engine:
         def token_ids() -> Iterator[int]:
             with torch.no_grad():
                 for t in generate(self.model, idx, params.max_new_tokens, temperature=params.temperature,
-                                  top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, generator=generator):
+                                  top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, generator=generator,
+                                  repetition_penalty=params.repetition_penalty):
                     if int(t[0]) in self.eos_ids:
                         return
                     yield int(t[0])

@@ -38,7 +38,8 @@ def newest_run(root: Path = Path("runs")) -> Path:
 
 def run_sample(model_path: str | None, prompt: str = "\n", num_samples: int = 1, max_new_tokens: int = 500,
                temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-               min_p: float | None = None, seed: int | None = None, device: str = "auto") -> list[str]:
+               min_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+               device: str = "auto") -> list[str]:
     """Print ``num_samples`` continuations of ``prompt`` as they are generated; return them."""
     from gptlab.train.checkpoint import load_checkpoint
     from gptlab.train.system import pick_device
@@ -65,7 +66,8 @@ def run_sample(model_path: str | None, prompt: str = "\n", num_samples: int = 1,
         idx = torch.tensor([prompt_ids], device=dev)
         with torch.no_grad():
             tokens = (int(t[0]) for t in generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                                 top_p=top_p, min_p=min_p, generator=generator))
+                                                 top_p=top_p, min_p=min_p, generator=generator,
+                                                 repetition_penalty=repetition_penalty))
             for piece in stream_decode(tok, tokens):
                 sys.stdout.write(piece)
                 sys.stdout.flush()

@@ -97,6 +97,18 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(logits < max_logit + math.log(min_p), float("-inf"))
 
 
+def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in ``previous`` (B, T) less likely in ``logits`` (B, V) (CTRL's rule,
+    as Hugging Face applies it): a positive logit is divided by ``penalty``, a negative one
+    multiplied, so either way the token loses ground. ``penalty`` 1 changes nothing; > 1 penalises.
+    """
+    if not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and penalty > 0):
+        raise UserError(f"repetition_penalty={penalty!r} must be a positive number (1 = off)")
+    seen = torch.gather(logits, 1, previous)  # (B, T): the logits of tokens that already occurred
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, previous, seen)
+
+
 def sample_next(
     logits: torch.Tensor,
     *,
@@ -141,6 +153,7 @@ def generate(
     min_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    repetition_penalty: float | None = None,
 ) -> Iterator[torch.Tensor]:
     """Continue the prompts ``idx`` (B, T), yielding each step's new token ids as a (B,) tensor.
 
@@ -156,21 +169,28 @@ def generate(
     does: the output is the same either way, token for token, at any length; only speed
     differs. (Restarting the cache on a shorter context would be faster but would change the
     tokens, because the model would then see less than block_size of the past.)
+
+    ``repetition_penalty`` (> 1 discourages repeats) counts every token of prompt and output.
     """
     if idx.dim() != 2 or idx.size(1) == 0:
         raise UserError(f"the prompt must hold at least one token, got shape {tuple(idx.shape)}")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     block_size = model.config.block_size
-    cache = model.new_kv_cache() if use_cache and hasattr(model, "new_kv_cache") else None
+    is_gpt = hasattr(model, "new_kv_cache")  # gptlab's GPT (test doubles take only idx)
+    cache = model.new_kv_cache() if use_cache and is_gpt else None
+    head = {"last_only": True} if is_gpt else {}  # only the last position's logits are sampled
     for _ in range(max_new_tokens):
         if cache is not None and idx.size(1) <= block_size:
             # The tokens not yet in the cache: the whole prompt first, then the last token.
-            logits, _ = model(idx[:, cache.length :], kv_cache=cache)  # (B, new, V)
+            logits, _ = model(idx[:, cache.length :], kv_cache=cache, **head)  # (B, 1, V)
         else:
-            logits, _ = model(idx[:, -block_size:])  # (B, min(T, block_size), V)
+            logits, _ = model(idx[:, -block_size:], **head)  # (B, 1 or T, V)
+        last = logits[:, -1, :]  # (B, V)
+        if repetition_penalty is not None and repetition_penalty != 1.0:
+            last = apply_repetition_penalty(last.float(), idx, repetition_penalty)
         next_ids = sample_next(
-            logits[:, -1, :],
+            last,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,

@@ -146,8 +146,12 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
         kv_cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for token ids ``idx`` (B, T); with ``targets`` (B, T), also the loss.
+
+        ``last_only`` returns only the last position's logits (B, 1, V): all that generation
+        needs, and it spares the output head's (T, C) x (C, V) matmul over a long prompt.
 
         The loss is the mean cross entropy over targets that are not ``ignore_index``
         (NaN if every target is ignored), computed in float32 even under autocast.
@@ -182,7 +186,11 @@ class GPT(nn.Module):
             x = layer(x, rope, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if last_only:
+            if targets is not None:
+                raise ValueError("last_only=True gives no loss: the loss needs every position's logits")
+            x = x[:, -1:, :]  # (B, 1, C)
+        logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, 1, V) with last_only
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

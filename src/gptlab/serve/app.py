@@ -1,0 +1,391 @@
+"""The web page and the OpenAI-compatible API (FastAPI) in front of one ``Engine``.
+
+Routes: ``GET /`` (the chat page), ``GET /health``, ``GET /v1/models``,
+``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream`` true or false).
+
+How a request runs: the engine is synchronous, so each generation iterates it in a worker
+thread that hands text pieces to the request's coroutine through an ``asyncio.Queue``. A
+semaphore lets ``max_concurrency`` generations run at once; up to ``max_queue`` more wait their
+turn and any beyond that get 503 at once, so a burst cannot pile up unbounded work. A client that
+disconnects stops its generation: the worker checks a flag between pieces.
+
+Token counts: ``prompt_tokens`` counts the prompt's ids exactly; ``completion_tokens`` re-encodes
+the returned text, because the engine yields text, not ids. That is exact for character
+tokenizers and may differ by a few tokens for BPE (which can generate a non-canonical split);
+likewise ``finish_reason`` is ``"length"`` when that count reaches ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import math
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from gptlab.errors import UserError
+from gptlab.inference.engine import Engine, SamplingParams
+
+STATIC = Path(__file__).parent / "static"
+#: the page loads only its own script, style and API; nothing inline, no framing
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+#: an upper bound on one answer, so a single request cannot hold a slot for hours
+MAX_TOKENS_LIMIT = 4096
+ROLES = ("system", "user", "assistant")
+_END = object()  # the worker's "no more pieces" marker
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class Gate:
+    """Admission (running + waiting <= max_concurrency + max_queue) and the running slots."""
+
+    def __init__(self, max_concurrency: int, max_queue: int):
+        if max_concurrency < 1 or max_queue < 0:
+            raise UserError(f"max_concurrency={max_concurrency} must be >= 1 and max_queue={max_queue} >= 0")
+        self.slots = asyncio.Semaphore(max_concurrency)
+        self.limit = max_concurrency + max_queue
+        self.admitted = 0
+
+    def admit(self) -> None:
+        if self.admitted >= self.limit:
+            raise APIError(503, f"the server is busy ({self.limit} requests running or waiting); retry shortly",
+                           code="server_busy", type_="server_error")
+        self.admitted += 1
+
+
+class Generation:
+    """One request's run of the engine in a worker thread, read as an async stream of pieces.
+
+    ``close()`` must always be called (the responses do it in ``finally``): it stops the worker
+    and, when no worker ever started, gives back the admission at once."""
+
+    def __init__(self, engine: Engine, gate: Gate, prompt_ids: list[int], params: SamplingParams):
+        gate.admit()
+        self.engine, self.gate, self.prompt_ids, self.params = engine, gate, prompt_ids, params
+        self.stop = threading.Event()
+        self.started = self.closed = False
+        self.text = ""
+
+    async def pieces(self) -> AsyncIterator[str]:
+        await self.gate.slots.acquire()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        self.started = True
+        threading.Thread(target=self._work, args=(loop, queue), daemon=True).start()
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            self.text += item
+            yield item
+
+    def _work(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[object]) -> None:
+        try:
+            for piece in self.engine.stream(self.prompt_ids, self.params):
+                if self.stop.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, piece)
+        except Exception as e:  # handed to the request, which answers with it
+            loop.call_soon_threadsafe(queue.put_nowait, e)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, _END)
+            loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        self.gate.slots.release()
+        self.gate.admitted -= 1
+
+    def close(self) -> None:
+        self.stop.set()
+        if not self.started and not self.closed:
+            self.gate.admitted -= 1
+        self.closed = True
+
+    def usage(self) -> dict[str, int]:
+        completion = len(self.engine.tokenizer.encode(self.text))
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
+                "total_tokens": len(self.prompt_ids) + completion}
+
+    def finish_reason(self) -> str:
+        return "length" if self.usage()["completion_tokens"] >= self.params.max_new_tokens else "stop"
+
+
+class GenerationStream(StreamingResponse):
+    """Server-sent events that close their generation however the response ends (done,
+    client gone before or during the stream, error)."""
+
+    def __init__(self, generation: Generation, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
+
+
+# --- request checking ---------------------------------------------------------------------------
+
+def _number(body: dict, name: str, default: float | None, low: float, high: float, *,
+            integer: bool = False, low_open: bool = False) -> Any:
+    """``body[name]`` checked to lie in [low, high] ((low, high] with ``low_open``)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    in_range = (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+                and (value > low if low_open else value >= low) and value <= high)
+    if not in_range:
+        what = "an integer" if integer else "a number"
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise APIError(400, f"{name}={value!r} must be {what} in {bounds}", param=name)
+    return value
+
+
+def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None and not (isinstance(stops, list) and len(stops) <= 4
+                                  and all(isinstance(s, str) and s for s in stops)):
+        raise APIError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise APIError(400, f"seed={seed!r} must be a non-negative integer", param="seed")
+    if body.get("n", 1) != 1:
+        raise APIError(400, f"n={body['n']!r} is not supported: this server returns one choice (n=1)", param="n")
+    top_p = _number(body, "top_p", None, 0, 1, low_open=True)
+    return SamplingParams(
+        temperature=_number(body, "temperature", 1.0, 0, 2),
+        top_p=None if top_p == 1 else top_p,  # 1 keeps every token: no filtering to do
+        top_k=_number(body, "top_k", None, 1, sys.maxsize, integer=True),
+        min_p=_number(body, "min_p", None, 0, 1),
+        max_new_tokens=_number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, 1, MAX_TOKENS_LIMIT,
+                               integer=True),
+        seed=seed, stop=tuple(stops or ()))
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
+        if not isinstance(m.get("content"), str):
+            raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:  # clients often send one prompt as a list
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise APIError(400, "prompt must be a non-empty string (one prompt per request)", param="prompt")
+    return prompt
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_concurrency: int = 1,
+               max_queue: int = 8) -> FastAPI:
+    """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` guards /v1/*."""
+    gate = Gate(max_concurrency, max_queue)
+    created = int(time.time())
+    app = FastAPI(title="gptlab", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise APIError(400, "model is required (a string)", param="model")
+        if model != model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server has {model_name!r}",
+                           param="model", code="model_not_found")
+        return body
+
+    async def respond(body: dict, prompt_ids: list[int], params: SamplingParams, kind: str,
+                      piece_choice: Callable[[str], dict],
+                      final_choice: Callable[[str, str], dict]) -> dict | GenerationStream:
+        """The answer, whole or as server-sent events, in OpenAI's shape for ``kind``."""
+        try:
+            params.check()
+        except UserError as e:
+            raise APIError(400, str(e)) from None
+        head = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",
+                "created": int(time.time()), "model": model_name}
+        generation = Generation(engine, gate, prompt_ids, params)
+        if body.get("stream"):
+            options = body.get("stream_options") or {}
+            return GenerationStream(generation, _events(generation, head, kind, piece_choice, final_choice,
+                                                        include_usage=bool(options.get("include_usage"))))
+        return await _whole(generation, head, kind, final_choice)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return {"object": "list",
+                "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "gptlab"}]}
+
+    @v1.post("/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> dict | GenerationStream:
+        body = await read_body(request)
+        messages = _messages(body)
+        params = _sampling(body, default_max_tokens=256)
+        try:
+            prompt = engine.chat_prompt(messages, params.max_new_tokens)
+        except UserError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        if prompt.dropped_turns:
+            # An API client expects its whole conversation to be read, so say so rather than
+            # silently answer a shorter one (the terminal chat drops turns and tells the user).
+            raise APIError(400, f"the conversation needs more than the model's {engine.block_size}-token context "
+                                f"window with room for max_tokens={params.max_new_tokens}; drop old messages "
+                                "or lower max_tokens", param="messages", code="context_length_exceeded")
+        return await respond(
+            body, prompt.ids, params, "chat.completion",
+            piece_choice=lambda text: {"index": 0, "delta": {"content": text}, "finish_reason": None},
+            final_choice=lambda text, reason: {"index": 0, "message": {"role": "assistant", "content": text},
+                                               "finish_reason": reason, "logprobs": None})
+
+    @v1.post("/completions", response_model=None)
+    async def completions(request: Request) -> dict | GenerationStream:
+        body = await read_body(request)
+        text = _prompt(body)
+        params = _sampling(body, default_max_tokens=16)  # OpenAI's default for this endpoint
+        try:
+            ids = engine.tokenizer.encode(text)
+        except UserError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        if len(ids) > engine.block_size:
+            raise APIError(400, f"the prompt is {len(ids)} tokens, longer than the model's {engine.block_size}-token "
+                                "context window", param="prompt", code="context_length_exceeded")
+        return await respond(
+            body, ids, params, "text_completion",
+            piece_choice=lambda piece: {"index": 0, "text": piece, "finish_reason": None, "logprobs": None},
+            final_choice=lambda whole, reason: {"index": 0, "text": whole, "finish_reason": reason,
+                                                "logprobs": None})
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP,
+                                                            "X-Content-Type-Options": "nosniff"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+async def _whole(generation: Generation, head: dict, kind: str,
+                 final_choice: Callable[[str, str], dict]) -> dict:
+    try:
+        async for _ in generation.pieces():
+            pass
+    except UserError as e:
+        raise APIError(400, str(e)) from None
+    finally:
+        generation.close()
+    return {**head, "object": kind, "choices": [final_choice(generation.text, generation.finish_reason())],
+            "usage": generation.usage()}
+
+
+async def _events(generation: Generation, head: dict, kind: str, piece_choice: Callable[[str], dict],
+                  final_choice: Callable[[str, str], dict], include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: one chunk per piece, a last chunk with finish_reason, optionally a
+    usage chunk, then ``[DONE]``. An error after the stream began can only be told in-band."""
+    chunk = {**head, "object": f"{kind}.chunk" if kind.startswith("chat") else kind}
+
+    def event(choices: list[dict], **extra: Any) -> str:
+        return f"data: {json.dumps({**chunk, 'choices': choices, **extra})}\n\n"
+
+    if kind.startswith("chat"):
+        yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    try:
+        async for piece in generation.pieces():
+            yield event([piece_choice(piece)])
+    except UserError as e:
+        yield f"data: {json.dumps(APIError(400, str(e)).body())}\n\n"
+        return
+    last = final_choice("", generation.finish_reason())
+    if kind.startswith("chat"):
+        last = {"index": 0, "delta": {}, "finish_reason": last["finish_reason"]}
+    yield event([last])
+    if include_usage:
+        yield event([], usage=generation.usage())
+    yield "data: [DONE]\n\n"
+
+
+def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               device: str = "auto") -> None:
+    """Load ``model`` (default: the chat default, smollm2-135m-instruct) and serve it until Ctrl-C."""
+    import uvicorn
+
+    from gptlab.inference.chat import DEFAULT_CHAT_MODEL
+    from gptlab.train.checkpoint import load_checkpoint
+    from gptlab.train.system import pick_device
+
+    name = model or DEFAULT_CHAT_MODEL
+    dev = pick_device(device)
+    engine = Engine(load_checkpoint(name, device=dev), device=dev)
+    if api_key is None and not _is_loopback(host):
+        print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr)
+    print(f"serving {name} at http://{host}:{port}/ (OpenAI API at /v1)", file=sys.stderr)
+    uvicorn.run(create_app(engine, Path(name).name or name, api_key=api_key), host=host, port=port,
+                log_level="warning")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: we cannot know where it resolves, so warn
+        return False
