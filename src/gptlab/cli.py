@@ -369,13 +369,18 @@ def _chat(args: argparse.Namespace) -> None:
     run_chat(args.model, system=args.system, params=params, device=args.device)
 
 
+def add_chat_model_arg(p: argparse.ArgumentParser) -> None:
+    """The optional MODEL of the commands that talk to a model; the default works offline."""
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint, run directory, Hugging Face directory, .gguf file or named model "
+                        "(default: smollm2-135m-instruct, which works offline)")
+
+
 def add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="talk to a model in the terminal",
                        description="A multi-turn chat in the terminal, streamed as it is generated. Commands: "
                                    "/reset, /system TEXT, /temp X, /help, /quit; Ctrl-C stops the current answer.")
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="checkpoint, run directory, Hugging Face directory, .gguf file or named model "
-                        "(default: smollm2-135m-instruct, which works offline)")
+    add_chat_model_arg(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
     p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
@@ -400,9 +405,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model: a chat web page and an OpenAI-compatible API",
                        description="A chat page at / and an OpenAI-compatible API at /v1 (models, chat/completions, "
                                    "completions; streaming or not).")
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="checkpoint, run directory, Hugging Face directory, .gguf file or named model "
-                        "(default: smollm2-135m-instruct, which works offline)")
+    add_chat_model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
