@@ -10,7 +10,6 @@ anything else is an error, as is a missing tensor or a shape the config does not
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,9 @@ import torch
 from gptlab.cache import atomic_dir, cache_dir, fetch_pip_file, recover_dir
 from gptlab.errors import UserError
 from gptlab.model.bert import Bert, BertConfig
-from gptlab.tokenizers import load_tokenizer_file
 from gptlab.tokenizers.hf import HFTokenizer
 from gptlab.weights import check_state_dict
-from gptlab.weights.hf import DTYPES, Rule, _expand, read_hf_weights
+from gptlab.weights.hf import DTYPES, Rule, _expand, read_config_json, read_hf_weights, read_tokenizer
 
 
 def _weight_and_bias(hf: str, ours: str) -> tuple[Rule, Rule]:
@@ -108,28 +106,19 @@ class LoadedBert:
 def import_bert(path: str | Path, dtype: str = "fp32") -> LoadedBert:
     """Load a Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json)."""
     path = Path(path)
-    try:
-        c = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path / 'config.json'} cannot be read ({e})") from None
-    if not isinstance(c, dict) or c.get("model_type") != "bert":
-        kind = c.get("model_type") if isinstance(c, dict) else None
-        raise UserError(f"{path}: model_type {kind!r} is not supported here; gptlab's encoder reads model_type 'bert'")
+    c = read_config_json(path)
+    if c.get("model_type") != "bert":
+        raise UserError(f"{path}: model_type {c.get('model_type')!r} is not supported here; gptlab's encoder reads "
+                        "model_type 'bert'")
     state = read_hf_weights(path)
     has_mlm = any(k.startswith("cls.") for k in state)
     cfg = config_from_hf(c, mlm_head=has_mlm)
     model = Bert(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.float() for k, v in hf_to_bert(state, cfg, expected).items()})
-    tok_file = path / "tokenizer.json"
-    if not tok_file.is_file():
-        raise UserError(f"{path} has no tokenizer.json; gptlab needs the model's tokenizer")
-    tokenizer = load_tokenizer_file(tok_file)
+    tokenizer = read_tokenizer(path, cfg.vocab_size)
     if not isinstance(tokenizer, HFTokenizer):
-        raise UserError(f"{tok_file} is not a Hugging Face tokenizer.json")
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise UserError(f"{tok_file} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
-                        "they do not belong together")
+        raise UserError(f"{path / 'tokenizer.json'} is not a Hugging Face tokenizer.json")
     return LoadedBert(path, model.to(DTYPES[dtype]).eval(), tokenizer)
 
 

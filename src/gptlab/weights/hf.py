@@ -249,11 +249,33 @@ def is_hf_dir(path: Path) -> bool:
         return False
 
 
-def read_hf_config(path: Path) -> tuple[str, ModelConfig]:
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A Hugging Face directory's config.json as a dict; unreadable or not an object -> UserError."""
     try:
         c = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path / 'config.json'} cannot be read ({e})") from None
+    if not isinstance(c, dict):
+        raise UserError(f"{path / 'config.json'} does not hold a JSON object")
+    return c
+
+
+def read_tokenizer(path: Path, vocab_size: int):
+    """The directory's tokenizer.json, checked to fit a model of ``vocab_size`` ids."""
+    from gptlab.tokenizers import load_tokenizer_file
+
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise UserError(f"{path} has no tokenizer.json; gptlab needs the model's tokenizer")
+    tokenizer = load_tokenizer_file(tok_file)
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"{tok_file} has {tokenizer.vocab_size} tokens but the model only {vocab_size}; "
+                        "they do not belong together")
+    return tokenizer
+
+
+def read_hf_config(path: Path) -> tuple[str, ModelConfig]:
+    c = read_config_json(path)
     family = c.get("model_type")
     if family not in FAMILIES:
         raise UserError(f"{path}: model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
@@ -285,7 +307,6 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 def import_hf(path: str | Path, dtype: str = "fp32"):
     """Load a Hugging Face model directory as a gptlab ``Checkpoint`` (in memory)."""
     from gptlab.model.transformer import GPT
-    from gptlab.tokenizers import load_tokenizer_file
     from gptlab.train.checkpoint import Checkpoint
 
     path = Path(path)
@@ -294,14 +315,7 @@ def import_hf(path: str | Path, dtype: str = "fp32"):
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = hf_to_ours(read_hf_weights(path), family, cfg, expected)
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    tok_file = path / "tokenizer.json"
-    if not tok_file.is_file():
-        raise UserError(f"{path} has no tokenizer.json; gptlab needs the model's tokenizer")
-    tokenizer = load_tokenizer_file(tok_file)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise UserError(f"{tok_file} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
-                        "they do not belong together")
-    return Checkpoint(path, model.to(DTYPES[dtype]), cfg, tokenizer)
+    return Checkpoint(path, model.to(DTYPES[dtype]), cfg, read_tokenizer(path, cfg.vocab_size))
 
 
 def save_imported(ckpt, out: str | Path, source: Path) -> None:
