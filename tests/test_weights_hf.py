@@ -247,3 +247,14 @@ def test_sharded_checkpoint_imports(tmp_path, tokenizer):
     assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     a, b = hf.import_hf(tmp_path / "one").model.state_dict(), hf.import_hf(tmp_path / "sharded").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_onto_an_existing_file_is_refused(tmp_path, tokenizer, capsys):
+    make_gpt2_dir(tmp_path / "src", tokenizer)
+    capsys.readouterr()
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine")
+    for argv in (["export", str(tmp_path / "src"), "--out", str(precious)],
+                 ["import", str(tmp_path / "src"), "--out", str(precious)]):
+        _expect_one_line(argv, capsys, "already exists", "--force")
+    assert precious.read_text() == "mine"

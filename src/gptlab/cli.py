@@ -271,6 +271,12 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_sample)
 
 
+def _refuse_overwrite(out: "Path", force: bool) -> None:
+    """Nothing a user made is replaced without --force: an existing file or a non-empty folder."""
+    if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+
+
 # --- gptlab import / export -------------------------------------------------------------------
 
 def _import(args: argparse.Namespace) -> None:
@@ -281,8 +287,7 @@ def _import(args: argparse.Namespace) -> None:
     from gptlab.weights.hf import import_hf, is_hf_dir, save_imported
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    _refuse_overwrite(out, args.force)
     src = resolve_model_source(args.src)
     if src.suffix == ".gguf":
         ckpt = import_gguf(src, dtype=args.dtype)
@@ -303,8 +308,7 @@ def _export(args: argparse.Namespace) -> None:
     from gptlab.weights.hf import export_hf
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    _refuse_overwrite(out, args.force)
     ckpt = load_checkpoint(args.model)
     export_hf(ckpt, out, family=ckpt.config.arch)
     print(f"exported {ckpt.path} to {out} (Hugging Face {ckpt.config.arch} format)")
