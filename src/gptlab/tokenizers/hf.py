@@ -74,7 +74,7 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         if self._byte_level:
-            return self.decode_bytes(ids).decode("utf-8", errors="replace")
+            return super().decode(ids)  # from the raw bytes, invalid UTF-8 replaced
         n = self.vocab_size
         return self._tok.decode([i for i in ids if 0 <= i < n], skip_special_tokens=False)
 

@@ -119,17 +119,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer
     """Load model, config and tokenizer from any MODEL argument: a gptlab checkpoint or run
     directory, a Hugging Face model directory, ``hf:ORG/NAME``, a ``.gguf`` file or a named
     model such as ``smollm2-135m-instruct`` (all but the first imported on the fly)."""
-    path = resolve_model_source(path)
-    if Path(path).suffix == ".gguf":
-        from gptlab.weights.gguf import import_gguf
-
-        loaded = import_gguf(path)
-        loaded.model.to(device)
-        return loaded
+    from gptlab.weights.gguf import import_gguf
     from gptlab.weights.hf import import_hf, is_hf_dir
 
-    if is_hf_dir(Path(path)):  # our config.json has no model_type; Hugging Face's always does
-        loaded = import_hf(path)
+    path = resolve_model_source(path)
+    # Foreign formats are imported in memory; our config.json has no model_type, HF's always does.
+    importer = import_gguf if path.suffix == ".gguf" else import_hf if is_hf_dir(path) else None
+    if importer is not None:
+        loaded = importer(path)
         loaded.model.to(device)
         return loaded
     ckpt_dir = resolve_checkpoint(path, prefer)
