@@ -122,8 +122,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, mon
 
 def test_early_stopping_with_patience(corpus, tmp_path, monkeypatch):
     model_cfg, cfg = tiny(corpus, max_steps=100, eval_interval=2, patience=2)
-    values = iter([3.0, 3.0, 2.0, 2.5, 2.6, 2.7, 2.8] * 10)
-    monkeypatch.setattr(loop, "evaluate", lambda model, data, split, *a: next(values) if split == "val" else 1.0)
+    # Each evaluation computes the validation loss first, then the training loss.
+    val_losses = iter([3.0, 3.0, 2.0, 2.5, 2.6, 2.7, 2.8] * 10)
+    calls = iter(range(1000))
+    monkeypatch.setattr(loop, "evaluate", lambda *a: next(val_losses) if next(calls) % 2 == 0 else 1.0)
     result = loop.train(model_cfg, cfg, tmp_path / "run", show_progress=False)
     assert result.stopped == "early_stopping" and result.step == 10  # evals at 6 (best), 8, 10
     assert result.best_val_loss == 2.0

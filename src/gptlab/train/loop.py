@@ -1,4 +1,8 @@
-"""The training loop: one loop for pretraining and, later, every kind of fine-tuning.
+"""The training loop: one loop for pretraining and every kind of fine-tuning.
+
+What is trained and how is a ``Job``: the model, its batches, its loss, how to evaluate and how
+to save a checkpoint. Pretraining (``pretrain_job``), supervised fine-tuning, LoRA and
+classification (``gptlab.finetune``) are jobs; ``run_job`` trains any of them.
 
 Each optimizer step: set the scheduled learning rate, run ``grad_accum`` micro-batches forward
 (under autocast) and backward, clip the global gradient norm, step AdamW. Around that:
@@ -19,12 +23,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from gptlab.cache import cache_dir
@@ -41,6 +47,50 @@ from gptlab.train.metrics import MetricsLogger, plot_loss
 from gptlab.train.optim import build_optimizer, lr_at
 from gptlab.train.system import autocast, dtype_name, pick_device, pick_dtype
 
+#: one micro-batch: tensors on the CPU, moved to the device by the loop
+Batch = tuple[torch.Tensor, ...]
+
+
+class Batches(Protocol):
+    """An endless, resumable source of training batches."""
+
+    def next(self) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Next-token cross entropy of a batch ``(inputs, targets)``; targets of -100 do not count
+    (fine-tuning sets them on prompt tokens and padding)."""
+    x, y = batch
+    return model(x, y)[1]
+
+
+@dataclass
+class Job:
+    """What the loop trains and how it checks and saves it; the only thing that differs between
+    pretraining and each kind of fine-tuning."""
+
+    #: the module being trained (a GPT, with LoRA layers or a class head when fine-tuning);
+    #: parameters with ``requires_grad`` False stay frozen
+    model: GPT
+    train_batches: Batches
+    #: "train" or "val" -> the same batches on every call, so evaluations are comparable
+    eval_batches: Callable[[str], Iterable[Batch]]
+    #: write a checkpoint directory; the second argument is the train state, or None for best/
+    save: Callable[[Path, dict[str, Any] | None], None]
+    #: a one-line description printed at the start ("fine-tuning ... on 1,234 conversations")
+    description: str
+    loss: Callable[[nn.Module, Batch], torch.Tensor] = lm_loss
+    #: extra validation figures (e.g. accuracy), computed at each evaluation
+    eval_metrics: Callable[[nn.Module], dict[str, float]] | None = None
+    #: a short generated text for the log, or None for jobs that do not generate
+    sample: Callable[[nn.Module], str] | None = None
+    #: multiply a loss in nats per token by this to get bits per byte of text (pretraining only)
+    bits_per_byte: float | None = None
+
 
 @dataclass
 class RunResult:
@@ -54,6 +104,8 @@ class RunResult:
     sample: str = ""
 
 
+# --- pretraining ------------------------------------------------------------------------------
+
 def load_data(cfg: TrainConfig) -> PreparedData:
     """The prepared dataset named by ``--data``, or ``--corpus`` + ``--tokenizer`` prepared into the cache."""
     if cfg.data is not None:
@@ -62,24 +114,6 @@ def load_data(cfg: TrainConfig) -> PreparedData:
 
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.corpus}-{cfg.tokenizer}")[-100:]
     return prepare(cfg.corpus, cfg.tokenizer, cache_dir() / "prepared" / slug, force=True)
-
-
-def evaluate(model: torch.nn.Module, data: PreparedData, split: str, cfg: TrainConfig, block_size: int,
-             device: torch.device, dtype: torch.dtype) -> float:
-    """Mean loss over ``eval_batches`` batches drawn with a fixed seed: the same batches at every
-    evaluation, so successive values differ only because the model changed."""
-    batches = RandomBatches(data.tokens(split), block_size, cfg.batch_size, seed=cfg.seed + (1 if split == "val" else 2))
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=device)
-    with torch.no_grad():
-        for _ in range(cfg.eval_batches):
-            x, y = batches.next()
-            with autocast(device, dtype):
-                _, loss = model(x.to(device), y.to(device))
-            total += loss.float()
-    model.train(was_training)
-    return (total / cfg.eval_batches).item()
 
 
 def sample_text(model: GPT, tokenizer: Tokenizer, n_tokens: int, seed: int, device: torch.device,
@@ -97,6 +131,75 @@ def sample_text(model: GPT, tokenizer: Tokenizer, n_tokens: int, seed: int, devi
         ids = [int(t[0]) for t in generate(model, idx, n_tokens, temperature=0.8, top_k=200, generator=gen)]
     model.train(was_training)
     return tokenizer.decode(start + ids)
+
+
+def pretrain_job(model: GPT, data: PreparedData, cfg: TrainConfig) -> Job:
+    """Next-token prediction on random windows of a prepared corpus."""
+    block = model.config.block_size
+    tokenizer = data.tokenizer()
+    check_length(data.tokens("train"), block, "train")
+    check_length(data.tokens("val"), block, "val")
+
+    def eval_batches(split: str) -> Iterator[Batch]:
+        # A fixed seed per split: the same windows at every evaluation.
+        batches = RandomBatches(data.tokens(split), block, cfg.batch_size, seed=cfg.seed + (1 if split == "val" else 2))
+        return (batches.next() for _ in range(cfg.eval_batches))
+
+    def save(path: Path, train_state: dict[str, Any] | None) -> None:
+        ckpt.save_checkpoint(path, model, tokenizer, cfg.to_dict() if train_state else None, train_state)
+
+    def sample(m: nn.Module) -> str:
+        return sample_text(model, tokenizer, cfg.sample_tokens, cfg.seed, model.embed_tokens.weight.device)
+
+    cfg_m = model.config
+    return Job(model, RandomBatches(data.tokens("train"), block, cfg.batch_size, seed=cfg.seed), eval_batches, save,
+               description=f"training {model.num_parameters():,} parameters ({cfg_m.n_layer} layers, {cfg_m.n_embd} "
+                           f"wide) on {data.meta['train_tokens']:,} tokens, {cfg.batch_size * block * cfg.grad_accum:,} "
+                           "tokens/step",
+               sample=sample, bits_per_byte=data.meta["val_tokens"] / data.meta["val_bytes"] / math.log(2))
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
+          show_progress: bool = True) -> RunResult:
+    """Pretrain (or resume pretraining) into ``run_dir``; see the module docstring."""
+    run_dir = Path(run_dir)
+    data = load_data(cfg)
+    tokenizer = data.tokenizer()
+    state = None
+    if resume:
+        resume_dir = ckpt.resolve_checkpoint(run_dir, prefer="last")
+        model_cfg = ckpt.load_model_config(resume_dir)
+        _, state = ckpt.load_train_state(resume_dir)
+        if model_cfg.vocab_size != tokenizer.vocab_size:
+            raise UserError(f"the checkpoint's vocabulary ({model_cfg.vocab_size}) differs from the data's "
+                            f"({tokenizer.vocab_size}); resume with the data it was trained on")
+    else:
+        model_cfg.vocab_size = tokenizer.vocab_size
+        model_cfg.validate()
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = GPT(model_cfg)
+    if resume:
+        ckpt.load_weights(model, resume_dir)
+    return run_job(pretrain_job(model, data, cfg), cfg, run_dir, state, show_progress)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+             device: torch.device, dtype: torch.dtype) -> float:
+    """Mean loss over ``batches`` in eval mode (no dropout, no gradients)."""
+    was_training = model.training
+    model.eval()
+    total, n = torch.zeros((), device=device), 0
+    with torch.no_grad():
+        for batch in batches:
+            with autocast(device, dtype):
+                total += loss_fn(model, tuple(t.to(device) for t in batch)).float()
+            n += 1
+    model.train(was_training)
+    if n == 0:
+        raise UserError("the validation set is empty; give more data or a larger validation fraction")
+    return (total / n).item()
 
 
 @contextmanager
@@ -141,37 +244,19 @@ def _is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
-          show_progress: bool = True) -> RunResult:
-    """Train (or resume training) into ``run_dir``; see the module docstring."""
+def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, Any] | None = None,
+            show_progress: bool = True) -> RunResult:
+    """Train ``job`` into ``run_dir`` under ``cfg``'s optimisation settings; ``state`` (a saved
+    train state) continues a run exactly where it stopped."""
     run_dir = Path(run_dir)
-    data = load_data(cfg)
-    tokenizer = data.tokenizer()
-    if resume:
-        resume_dir = ckpt.resolve_checkpoint(run_dir, prefer="last")
-        saved_model_cfg = ckpt.load_model_config(resume_dir)
-        _, state = ckpt.load_train_state(resume_dir)
-        model_cfg = saved_model_cfg
-        if model_cfg.vocab_size != tokenizer.vocab_size:
-            raise UserError(f"the checkpoint's vocabulary ({model_cfg.vocab_size}) differs from the data's "
-                            f"({tokenizer.vocab_size}); resume with the data it was trained on")
-    else:
-        model_cfg.vocab_size = tokenizer.vocab_size
-        model_cfg.validate()
-    block = model_cfg.block_size
-    check_length(data.tokens("train"), block, "train")
-    check_length(data.tokens("val"), block, "val")
-
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = GPT(model_cfg).to(device)
+    model = job.model.to(device)
     optimizer = build_optimizer(model, cfg, device)
-    batches = RandomBatches(data.tokens("train"), block, cfg.batch_size, seed=cfg.seed)
+    batches = job.train_batches
     step, tokens_seen, best_val, evals_since_best = 0, 0, math.inf, 0
-    if resume:
-        ckpt.load_weights(model, resume_dir)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["batches"])
         _set_rng_state(state["rng"])
@@ -182,33 +267,44 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
                             "to train further")
     run_dir.mkdir(parents=True, exist_ok=True)
     fwd = torch.compile(model) if cfg.compile else model
-    tokens_per_step = cfg.batch_size * block * cfg.grad_accum
-    bits_per_byte = data.meta["val_tokens"] / data.meta["val_bytes"] / math.log(2)
     metrics = MetricsLogger(run_dir)
 
     def save_last() -> None:
-        train_state = {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "rng": _rng_state(),
-                       "step": step, "tokens": tokens_seen, "best_val": best_val,
-                       "evals_since_best": evals_since_best}
-        ckpt.save_checkpoint(run_dir / "last", model, tokenizer, cfg.to_dict(), train_state)
+        job.save(run_dir / "last", {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
+                                    "rng": _rng_state(), "step": step, "tokens": tokens_seen, "best_val": best_val,
+                                    "evals_since_best": evals_since_best})
 
     def run_eval() -> dict[str, float]:
         nonlocal best_val, evals_since_best
-        val = evaluate(fwd, data, "val", cfg, block, device, dtype)
-        result = {"eval_train_loss": evaluate(fwd, data, "train", cfg, block, device, dtype), "val_loss": val,
-                  "val_ppl": math.exp(min(val, 50.0)), "val_bits_per_byte": val * bits_per_byte}
+        val = evaluate(fwd, job.eval_batches("val"), job.loss, device, dtype)
+        result = {"eval_train_loss": evaluate(fwd, job.eval_batches("train"), job.loss, device, dtype),
+                  "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        if job.bits_per_byte is not None:
+            result["val_bits_per_byte"] = val * job.bits_per_byte
+        if job.eval_metrics is not None:
+            was_training = fwd.training
+            fwd.eval()
+            with torch.no_grad(), autocast(device, dtype):
+                result.update(job.eval_metrics(fwd))
+            fwd.train(was_training)
         if val < best_val:
             best_val, evals_since_best = val, 0
-            ckpt.save_checkpoint(run_dir / "best", model, tokenizer)
+            job.save(run_dir / "best", None)
         else:
             evals_since_best += 1
         return result
 
-    tqdm.write(f"training {model.num_parameters():,} parameters ({model_cfg.n_layer} layers, {model_cfg.n_embd} wide) "
-               f"on {data.meta['train_tokens']:,} tokens | {device.type} {dtype_name(dtype)} | "
-               f"{tokens_per_step:,} tokens/step | run dir {run_dir}")
+    def describe_eval(e: dict[str, float]) -> str:
+        extra = [f"ppl {e['val_ppl']:.2f}"]
+        if "val_bits_per_byte" in e:
+            extra.append(f"{e['val_bits_per_byte']:.3f} bits/byte")
+        extra += [f"{k.removeprefix('val_')} {v:.4g}" for k, v in e.items() if k not in
+                  ("eval_train_loss", "val_loss", "val_ppl", "val_bits_per_byte")]
+        return f"train {e['eval_train_loss']:.4f}, val {e['val_loss']:.4f} ({', '.join(extra)})"
+
+    tqdm.write(f"{job.description} | {device.type} {dtype_name(dtype)} | run dir {run_dir}")
     start_step, t0 = step, time.perf_counter()
-    last_log_t, last_log_step = t0, step
+    last_log_t, last_log_tokens = t0, tokens_seen
     paused = 0.0  # seconds spent on evaluation and samples since the last log, left out of tokens/s
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
@@ -235,24 +331,25 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
                     group["lr"] = lr
                 try:
                     for _ in range(cfg.grad_accum):
-                        x, y = batches.next()
+                        batch = batches.next()
                         with autocast(device, dtype):
-                            _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                            loss = job.loss(fwd, tuple(t.to(device, non_blocking=True) for t in batch))
                         (loss / cfg.grad_accum).backward()
                         loss_sum += loss.detach().float()
                         loss_count += 1
-                    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        tokens_seen += batch[0].numel()
+                    grad_norm = (torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                                cfg.grad_clip)
                                  if cfg.grad_clip > 0 else None)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 except RuntimeError as e:
                     if _is_out_of_memory(e):
-                        raise UserError(f"a batch of {cfg.batch_size} x {block} tokens does not fit in memory on "
+                        raise UserError(f"a batch of {cfg.batch_size} sequences does not fit in memory on "
                                         f"{device.type}; use a smaller --batch-size and raise --grad-accum to keep "
                                         "the tokens per step") from None
                     raise
                 step += 1
-                tokens_seen += tokens_per_step
                 bar.update(1)
 
                 is_eval = step % cfg.eval_interval == 0 or step == cfg.max_steps
@@ -264,17 +361,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
                         raise UserError(f"the training loss became {train_loss} at step {step}; stopping. The last "
                                         f"good checkpoint is {run_dir / 'last'}; lower --lr or keep --grad-clip on")
                     now = time.perf_counter()
-                    tok_s = (step - last_log_step) * tokens_per_step / max(now - last_log_t - paused, 1e-9)
-                    last_log_t, last_log_step, paused = now, step, 0.0
+                    tok_s = (tokens_seen - last_log_tokens) / max(now - last_log_t - paused, 1e-9)
+                    last_log_t, last_log_tokens, paused = now, tokens_seen, 0.0
                     row = {"step": step, "tokens": tokens_seen, "elapsed_s": round(now - t0, 3), "lr": lr,
                            "train_loss": train_loss, "tokens_per_s": tok_s,
                            "grad_norm": None if grad_norm is None else grad_norm.item()}
                     if is_eval:
                         last_eval = run_eval()
                         row.update(last_eval)
-                        tqdm.write(f"step {step}: train {last_eval['eval_train_loss']:.4f}, val "
-                                   f"{last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.2f}, "
-                                   f"{last_eval['val_bits_per_byte']:.3f} bits/byte)")
+                        tqdm.write(f"step {step}: {describe_eval(last_eval)}")
                         save_last()
                         paused += time.perf_counter() - now
                     metrics.log(row)
@@ -283,13 +378,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
                         stopped = "early_stopping"
                         tqdm.write(f"no better validation loss in {cfg.patience} evaluations; stopping early")
                         break
-                if cfg.sample_interval and step % cfg.sample_interval == 0:
+                if job.sample is not None and cfg.sample_interval and step % cfg.sample_interval == 0:
                     sample_start = time.perf_counter()
-                    tqdm.write(f"--- sample at step {step} ---\n"
-                               f"{sample_text(model, tokenizer, cfg.sample_tokens, cfg.seed, device)}\n---")
+                    tqdm.write(f"--- sample at step {step} ---\n{job.sample(model)}\n---")
                     paused += time.perf_counter() - sample_start
     finally:
         bar.close()
+    sample = ""
     try:
         if step > start_step and step % cfg.eval_interval != 0 and step != cfg.max_steps:
             # Stopped between evaluations (tokens, time, Ctrl-C): evaluate and save where we are.
@@ -297,9 +392,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
             metrics.log({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.perf_counter() - t0, 3),
                          **last_eval})
             save_last()
-        sample = sample_text(model, tokenizer, cfg.sample_tokens, cfg.seed, device)
-        with (run_dir / "samples.txt").open("a") as f:
-            f.write(f"=== step {step} ===\n{sample}\n\n")
+        if job.sample is not None:
+            sample = job.sample(model)
+            with (run_dir / "samples.txt").open("a") as f:
+                f.write(f"=== step {step} ===\n{sample}\n\n")
     finally:
         metrics.close()
     plot_loss(run_dir / "metrics.csv", run_dir / "loss.png", title=f"{run_dir.name}: {model.num_parameters():,} parameters")

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 COLUMNS = ["step", "tokens", "elapsed_s", "lr", "train_loss", "grad_norm", "tokens_per_s",
-           "eval_train_loss", "val_loss", "val_ppl", "val_bits_per_byte"]
+           "eval_train_loss", "val_loss", "val_ppl", "val_bits_per_byte", "val_accuracy"]
 
 
 class MetricsLogger:
