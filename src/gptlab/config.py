@@ -183,6 +183,32 @@ for _name, _model in {
     }
 DEFAULT_PRESET = "shakespeare-char"
 
+# Training settings of `gptlab finetune` (flags override them). Fine-tuning starts from weights
+# that already work, so it takes small steps (full SFT) or larger ones on the few adapter weights
+# (LoRA, whose B starts at zero), with a short warmup and no weight decay pulling them to zero.
+FINETUNE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"batch_size": 8, "max_steps": 300, "lr": 1e-4, "warmup_steps": 10, "min_lr_ratio": 0.1,
+            "weight_decay": 0.0, "eval_interval": 50, "eval_batches": 10, "log_interval": 5, "dtype": "auto"},
+    "lora": {"batch_size": 8, "max_steps": 300, "lr": 1e-3, "warmup_steps": 10, "min_lr_ratio": 0.1,
+             "weight_decay": 0.0, "eval_interval": 50, "eval_batches": 10, "log_interval": 5, "dtype": "auto"},
+    "classify": {"batch_size": 8, "max_steps": 300, "lr": 5e-5, "warmup_steps": 10, "min_lr_ratio": 0.1,
+                 "weight_decay": 0.1, "eval_interval": 50, "eval_batches": 20, "log_interval": 5, "dtype": "auto"},
+}
+
+
+def finetune_config(kind: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """``FINETUNE_DEFAULTS[kind]`` < ``overrides`` as a validated ``TrainConfig``. A short run
+    given only --max-steps gets a warmup of at most a tenth of it."""
+    overrides = overrides or {}
+    d = {**FINETUNE_DEFAULTS[kind], **overrides}
+    if "warmup_steps" not in overrides and isinstance(d["max_steps"], int):
+        d["warmup_steps"] = min(d["warmup_steps"], d["max_steps"] // 10)
+    cfg = TrainConfig(**d)
+    problems = cfg.problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    return cfg
+
 
 def _check_keys(section: dict[str, Any], cls: type, where: str) -> list[str]:
     valid = [f.name for f in dataclasses.fields(cls)]

@@ -77,3 +77,9 @@ def chat_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     for key, value in d.items():
         out[key] = value["content"] if isinstance(value, dict) and "content" in value else value
     return out
+
+
+def checkpoint_chat_config(checkpoint: Any) -> dict[str, Any]:
+    """The chat settings of a loaded checkpoint: those read from its GGUF metadata, else its
+    directory's ``tokenizer_config.json``, else none (a from-scratch model)."""
+    return chat_config(getattr(checkpoint, "tokenizer_config", None) or Path(checkpoint.path))

@@ -35,6 +35,7 @@ MODEL_CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 TRAIN_CONFIG = "train_config.json"
 TRAIN_STATE = "train_state.pt"
+CHAT_CONFIG = "tokenizer_config.json"  # named as in Hugging Face directories: chat template, special tokens
 
 
 @dataclass
@@ -46,8 +47,10 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, train_config: dict[str, Any] | None = None,
-                    train_state: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint directory; it replaces ``path`` only once completely written."""
+                    train_state: dict[str, Any] | None = None, chat_config: dict[str, Any] | None = None) -> None:
+    """Write a checkpoint directory; it replaces ``path`` only once completely written.
+
+    ``chat_config`` (a chat model's template and special tokens) goes to ``tokenizer_config.json``."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         del state["lm_head.weight"]  # the same tensor as embed_tokens.weight
@@ -59,6 +62,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, train_co
             atomic_write_json(tmp / TRAIN_CONFIG, train_config)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
+        if chat_config:
+            atomic_write_json(tmp / CHAT_CONFIG, chat_config)
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
@@ -117,12 +122,16 @@ def resolve_model_source(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> Checkpoint:
     """Load model, config and tokenizer from any MODEL argument: a gptlab checkpoint or run
-    directory, a Hugging Face model directory, ``hf:ORG/NAME``, a ``.gguf`` file or a named
-    model such as ``smollm2-135m-instruct`` (all but the first imported on the fly)."""
+    directory, a LoRA adapter (or a run that trained one), a Hugging Face model directory,
+    ``hf:ORG/NAME``, a ``.gguf`` file or a named model such as ``smollm2-135m-instruct`` (all
+    but the first two imported on the fly)."""
     from gptlab.weights.gguf import import_gguf
     from gptlab.weights.hf import import_hf, is_hf_dir
 
     path = resolve_model_source(path)
+    adapter = find_adapter(path, prefer)
+    if adapter is not None:
+        return load_adapted(adapter, device)
     # Foreign formats are imported in memory; our config.json has no model_type, HF's always does.
     importer = import_gguf if path.suffix == ".gguf" else import_hf if is_hf_dir(path) else None
     if importer is not None:
@@ -135,6 +144,30 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer
     load_weights(model, ckpt_dir)
     tokenizer = load_tokenizer_file(ckpt_dir / TOKENIZER)
     return Checkpoint(ckpt_dir, model.to(device), config, tokenizer)
+
+
+def find_adapter(path: Path, prefer: str = "best") -> Path | None:
+    """The LoRA adapter directory ``path`` names (itself, or its best/ or last/), if any."""
+    from gptlab.model.lora import ADAPTER_CONFIG
+
+    for candidate in (path, path / prefer, path / ("last" if prefer == "best" else "best")):
+        recover_dir(candidate)
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    return None
+
+
+def load_adapted(adapter_dir: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """The adapter's base model (named in its adapter_config.json) with the adapter merged in:
+    an ordinary model at full speed. The result keeps the base's path, so its chat template
+    and tokenizer files are found."""
+    from gptlab.model.lora import apply_adapter, load_adapter, merge_lora
+
+    adapter = load_adapter(adapter_dir)
+    base = load_checkpoint(adapter.base_model, device)
+    apply_adapter(base.model, adapter)
+    merge_lora(base.model)
+    return base
 
 
 def load_train_state(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

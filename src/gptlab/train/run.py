@@ -26,7 +26,7 @@ def _looks_like_run(path: Path) -> bool:
     return any((path / m).exists() for m in RUN_MARKERS)
 
 
-def _fresh_run_dir(name: str) -> Path:
+def fresh_run_dir(name: str) -> Path:
     base = Path("runs") / name
     path, n = base, 1
     while path.exists():
@@ -35,7 +35,7 @@ def _fresh_run_dir(name: str) -> Path:
     return path
 
 
-def _claim_out(out: Path, force: bool) -> None:
+def claim_out(out: Path, force: bool) -> None:
     """Make sure writing a run to ``out`` destroys nothing the user did not ask to replace."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
@@ -94,7 +94,7 @@ def run_training(preset: str | None = None, config_file: str | None = None, out:
         run_dir = src
         if out is not None and Path(out).resolve() != src.resolve():
             run_dir = Path(out)
-            _claim_out(run_dir, force)
+            claim_out(run_dir, force)
             shutil.copytree(src, run_dir, dirs_exist_ok=True)
             print(f"branching {src} into {run_dir}")
     else:
@@ -102,10 +102,10 @@ def run_training(preset: str | None = None, config_file: str | None = None, out:
             preset = DEFAULT_PRESET
         model_cfg, train_cfg = resolve_config(preset, config_file, model_overrides, train_overrides)
         if out is None:
-            run_dir = _fresh_run_dir(preset or Path(config_file).stem)
+            run_dir = fresh_run_dir(preset or Path(config_file).stem)
         else:
             run_dir = Path(out)
-            _claim_out(run_dir, force)
+            claim_out(run_dir, force)
 
     start = time.perf_counter()
     result = train(model_cfg, train_cfg, run_dir, resume=resume is not None, show_progress=show_progress)

@@ -275,8 +275,4 @@ def import_gguf(path: str | Path, dtype: str = "fp32") -> GGUFCheckpoint:
 def save_gguf_import(ckpt: GGUFCheckpoint, out: str | Path) -> None:
     """Write an imported GGUF model as a gptlab checkpoint directory with its
     ``tokenizer_config.json`` (chat template, special tokens) beside it."""
-    from gptlab.cache import atomic_write_json
-
-    out = Path(out)
-    save_checkpoint(out, ckpt.model, ckpt.tokenizer)
-    atomic_write_json(out / "tokenizer_config.json", ckpt.tokenizer_config)
+    save_checkpoint(out, ckpt.model, ckpt.tokenizer, chat_config=ckpt.tokenizer_config)

@@ -1,0 +1,357 @@
+"""LoRA: fine-tune a frozen model through small low-rank adapters (Hu et al., 2021).
+
+A chosen Linear layer ``y = W x + b`` with W of shape (out, in) becomes
+
+    y = W x + b + (alpha / r) * B (A dropout(x))      A: (r, in), B: (out, r), r << in, out
+
+W and b stay frozen; only A and B train, r * (in + out) numbers instead of out * in. B starts
+at zero, so the adapted model starts as exactly the base model; A starts kaiming-uniform as in
+the paper's code and PEFT, so that B's first gradients (which are proportional to A x) are
+not zero. Dividing by r means that changing the rank does not change how big the update is
+for a given alpha, so a learning rate found at one rank carries over to another.
+
+The API, in the order a fine-tuning run uses it:
+
+- ``LoRAConfig(rank, alpha, dropout, targets)``: what to adapt; ``targets`` takes
+  ``"q_proj,v_proj"`` or ``"all-linear"`` (every Linear inside the blocks, never ``lm_head``).
+- ``add_lora(model, cfg)``: turns the targeted layers into ``LoRALinear`` in place and freezes
+  everything else. Base parameter names do not change, so a base checkpoint still loads into
+  the model, and the usual optimizer groups pick up only the adapters.
+- ``save_adapter(dir, model, cfg, base_model)`` / ``load_adapter(dir)`` /
+  ``apply_adapter(model, dir)``: an adapter directory holds ``adapter_model.safetensors``
+  (only the A and B tensors, a few MB) and ``adapter_config.json`` (the config, the base model
+  it was trained on and a fingerprint of that base's weights, checked before applying).
+- ``merge_lora(model)``: folds each adapter into its weight, W += (alpha / r) B A, leaving an
+  ordinary GPT that saves, exports and runs at the base model's speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gptlab.cache import atomic_dir, atomic_write_json, recover_dir
+from gptlab.errors import UserError
+from gptlab.model.config import _is_int, _is_number
+from gptlab.model.transformer import GPT
+from gptlab.weights import check_state_dict
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ALL_LINEAR = "all-linear"
+# The Linear layers inside a block (gate_proj only with the SwiGLU MLP). lm_head is not among
+# them: it is often the embedding matrix itself (tied), which LoRA would then change too.
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_PARAMS = ("lora_A", "lora_B")
+# Values sampled from each base tensor for the fingerprint: enough to tell two trainings
+# apart, few enough to hash a 135M model in milliseconds.
+FINGERPRINT_SAMPLES = 4096
+# The config fields that decide the base's parameter shapes; they are compared one by one so
+# that a mismatch can be named.
+FINGERPRINT_FIELDS = ("arch", "vocab_size", "n_layer", "n_embd", "n_head", "kv_heads", "mlp_hidden")
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``"q_proj, v_proj"`` -> ``("q_proj", "v_proj")``; names are checked by ``LoRAConfig``."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+@dataclass
+class LoRAConfig:
+    """Which layers get adapters, and their shape. Checked when built (``UserError``)."""
+
+    rank: int = 8
+    """r: the inner width of each adapter. 4-16 is typical; higher trains more parameters."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank; alpha = 2 * rank is a common choice."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input (training mode only); the base path has none of its own."""
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """Names of the block Linears to adapt (the paper's choice is q_proj and v_proj), or
+    ``("all-linear",)``. A comma-separated string such as ``"q_proj,v_proj"`` is accepted."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = parse_targets(self.targets)
+        elif isinstance(self.targets, list):  # as read back from JSON
+            self.targets = tuple(self.targets)
+        self.validate()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self) -> None:
+        """Raise ``UserError`` naming every bad field at once."""
+        problems = []
+        if not _is_int(self.rank) or self.rank <= 0:
+            problems.append(f"rank={self.rank!r} must be a positive integer")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            problems.append(f"alpha={self.alpha!r} must be a positive number")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
+        targets = self.targets if isinstance(self.targets, tuple) else (self.targets,)
+        bad = [t for t in targets if t not in (*BLOCK_LINEARS, ALL_LINEAR)]
+        if bad or not targets:
+            given = ", ".join(map(repr, bad)) if bad else "none"
+            problems.append(f"targets: {given} not valid; choose from {', '.join(BLOCK_LINEARS)} "
+                            f"(comma-separated) or {ALL_LINEAR}")
+        if problems:
+            raise UserError("invalid LoRA config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise UserError(f"unknown LoRA config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+        return cls(**d)
+
+
+class LoRALinear(nn.Linear):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update (alpha / r) * B A.
+
+    It *is* an ``nn.Linear`` whose ``weight`` and ``bias`` are the base layer's own Parameters
+    (not copies), so every name the base had is still there; it adds ``lora_A`` (r, in) and
+    ``lora_B`` (out, r).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+        # On the meta device nn.Linear allocates nothing; its weight is replaced just below.
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight = base.weight
+        self.bias = base.bias
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **like))
+        self.lora_dropout = nn.Dropout(dropout)
+        self.train(base.training)  # a new module starts in training mode; follow the model's
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """A: kaiming-uniform (nn.Linear's own rule, as PEFT does); B: zero, so B A = 0."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., in) -> (..., r) -> (..., out): two thin matmuls; B A (out, in) is never formed.
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + update * self.scaling
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding W + (alpha / r) B A, sharing this layer's Parameters."""
+        delta = self.lora_B.float() @ self.lora_A.float() * self.scaling  # (out, in), in fp32
+        self.weight += delta.to(self.weight.dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
+
+
+def _block_linears(model: GPT) -> dict[str, nn.Linear]:
+    """Every Linear inside the blocks, by full name (``layers.0.self_attn.q_proj``)."""
+    return {f"layers.{i}.{name}": m for i, block in enumerate(model.layers)
+            for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _is_lora(name: str) -> bool:
+    return name.rpartition(".")[2] in LORA_PARAMS
+
+
+def add_lora(model: GPT, cfg: LoRAConfig) -> list[str]:
+    """Give the targeted layers adapters (in place), freeze all else; return the adapted names.
+
+    Afterwards only ``lora_A``/``lora_B`` require grad, so
+    ``model.configure_optimizer_groups`` (which skips frozen parameters) hands the optimizer
+    the adapters alone.
+    """
+    linears = _block_linears(model)
+    if any(isinstance(m, LoRALinear) for m in linears.values()):
+        raise UserError("the model already has LoRA adapters; merge them into the weights before adding new ones")
+    present = [n for n in BLOCK_LINEARS if any(name.endswith("." + n) for name in linears)]
+    wanted = present if ALL_LINEAR in cfg.targets else cfg.targets
+    missing = [t for t in wanted if t not in present]
+    if missing:
+        raise UserError(f"LoRA target(s) {', '.join(missing)} match no layer of this {model.config.arch} model; "
+                        f"its layers are {', '.join(present)} (or {ALL_LINEAR})")
+    model.requires_grad_(False)
+    chosen = [name for name in linears if name.rpartition(".")[2] in wanted]
+    for name in chosen:
+        _replace(model, name, LoRALinear(linears[name], cfg.rank, cfg.alpha, cfg.dropout))
+    return chosen
+
+
+def merge_lora(model: GPT) -> list[str]:
+    """Fold every adapter into its base weight and make the layers plain ``nn.Linear`` again.
+
+    The result is an ordinary GPT (the base's state-dict names and nothing else) with every
+    parameter trainable, ready for ``save_checkpoint`` or export. Returns the merged names.
+    """
+    merged = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name in merged:
+        _replace(model, name, model.get_submodule(name).to_linear())
+    model.requires_grad_(True)
+    return merged
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors (``layers.N....lora_A``/``lora_B``); empty without LoRA."""
+    return {k: v for k, v in model.state_dict().items() if _is_lora(k)}
+
+
+class TrainStats(NamedTuple):
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable / max(1, self.total)
+        return f"{self.trainable:,} trainable of {self.total:,} parameters ({share:.2f}%)"
+
+
+def train_stats(model: nn.Module) -> TrainStats:
+    """Trainable and total parameter counts (a tied head counted once), for a banner."""
+    params = list(model.parameters())  # parameters() yields a shared tensor once
+    return TrainStats(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+def base_fingerprint(model: GPT) -> dict[str, Any]:
+    """What identifies the base weights an adapter belongs to: the shape fields of the config
+    and a sha256 over every base tensor's name, shape and an evenly strided sample of its values.
+
+    Values are hashed as bfloat16 so that the same base loaded in float32 or bfloat16 (or on
+    another device) gives the same fingerprint; any training of the base changes it.
+    """
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if _is_lora(name):
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    fields = {f: getattr(model.config, f) for f in FINGERPRINT_FIELDS}
+    return {**fields, "weights_sha256": h.hexdigest()}
+
+
+def save_adapter(path: str | Path, model: GPT, cfg: LoRAConfig, base_model: str,
+                 train_state: dict[str, Any] | None = None, train_config: dict[str, Any] | None = None) -> None:
+    """Write an adapter directory (atomically: it replaces ``path`` only once complete).
+
+    ``base_model`` is the MODEL argument the base came from (``smollm2-135m-instruct``, a
+    checkpoint path); it is recorded to tell the user which base the adapter needs. A training
+    run also passes its ``train_state`` and ``train_config``, saved as in a checkpoint.
+    """
+    from gptlab.train.checkpoint import TRAIN_CONFIG, TRAIN_STATE
+
+    tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model has no LoRA adapters to save; call add_lora first")
+    meta = {**cfg.to_dict(), "base_model": base_model, "base_fingerprint": base_fingerprint(model)}
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
+        atomic_write_json(tmp / ADAPTER_CONFIG, meta)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        if train_config is not None:
+            atomic_write_json(tmp / TRAIN_CONFIG, train_config)
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: LoRAConfig
+    base_model: str
+    base_fingerprint: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read an adapter directory made by ``save_adapter``; any damage is a one-line UserError.
+
+    Tensors come from safetensors only (nothing is unpickled).
+    """
+    path = Path(path)
+    recover_dir(path)  # a save interrupted mid-swap leaves the previous adapter as .NAME.old
+    config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not path.is_dir():
+        raise UserError(f"LoRA adapter {path} does not exist; give a directory written by gptlab finetune lora")
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise UserError(f"{f} is missing; {path} is not a complete LoRA adapter")
+    try:
+        meta = json.loads(config_file.read_text())
+        fingerprint = meta.pop("base_fingerprint")
+        base_model = meta.pop("base_model")
+        if not isinstance(base_model, str) or set(fingerprint) != {*FINGERPRINT_FIELDS, "weights_sha256"}:
+            raise ValueError("base_model or base_fingerprint is malformed")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{config_file} is corrupt ({type(e).__name__}: {e}); save the adapter again") from None
+    config = LoRAConfig.from_dict(meta)
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights_file} cannot be read ({e}); the adapter is corrupt, save it again") from None
+    others = sorted(k for k in tensors if not _is_lora(k))
+    if others or not tensors:
+        what = f"tensors other than lora_A/lora_B ({', '.join(others[:3])})" if others else "no tensors"
+        raise UserError(f"{weights_file} holds {what}; it is not a gptlab LoRA adapter")
+    return Adapter(path, config, base_model, fingerprint, tensors)
+
+
+def check_base(model: GPT, adapter: Adapter) -> None:
+    """Refuse a base model other than the one the adapter was trained on, saying which it was."""
+    ours = base_fingerprint(model)
+    theirs = adapter.base_fingerprint
+    trained_on = f"LoRA adapter {adapter.path} was trained on {adapter.base_model!r}"
+    differ = [f"{f} {theirs[f]} vs {ours[f]}" for f in FINGERPRINT_FIELDS if theirs[f] != ours[f]]
+    if differ:
+        raise UserError(f"{trained_on}, whose shape differs from this model's (adapter vs model: {'; '.join(differ)}); "
+                        f"apply it to {adapter.base_model}")
+    if theirs["weights_sha256"] != ours["weights_sha256"]:
+        raise UserError(f"{trained_on}, whose weights differ from this model's (fingerprint "
+                        f"{theirs['weights_sha256'][:12]} vs {ours['weights_sha256'][:12]}); "
+                        f"apply it to {adapter.base_model}")
+
+
+def apply_adapter(model: GPT, adapter: str | Path | Adapter) -> Adapter:
+    """Add an adapter (a directory, or one already read by ``load_adapter``) to a base
+    ``model`` and load its weights; return it.
+
+    The model is checked against the adapter's base first. Afterwards the adapters are
+    trainable and the base frozen, as after ``add_lora``; call ``merge_lora`` to serve it at
+    full speed or to save it as an ordinary checkpoint.
+    """
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter)
+    check_base(model, adapter)
+    add_lora(model, adapter.config)
+    check_state_dict(adapter.tensors, lora_state_dict(model), f"LoRA adapter {adapter.path}")
+    # Only the adapter tensors are given; the base's were checked by the fingerprint above.
+    model.load_state_dict(adapter.tensors, strict=False)
+    return adapter
