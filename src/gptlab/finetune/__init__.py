@@ -1,0 +1,1 @@
+"""Fine-tuning: synthetic chat data, supervised fine-tuning and classification heads."""
