@@ -14,6 +14,7 @@ from gptlab.errors import UserError
 from gptlab.finetune import sft
 from gptlab.inference.engine import BUILTIN_TEMPLATE, Engine, SamplingParams
 from gptlab.model.config import ModelConfig
+from gptlab.model.lora import LoRAConfig
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import BPETokenizer, CharTokenizer
 from gptlab.train import checkpoint as ckpt
@@ -183,11 +184,7 @@ def qa_file(tmp_path) -> Path:
 
 
 def answer_loss(model_path, qa_file) -> float:
-    loaded = ckpt.load_checkpoint(model_path)
-    examples = sft.render_all(sft.read_conversations(qa_file), loaded.tokenizer, BUILTIN_TEMPLATE, {}, 65).examples
-    x, y = sft.collate(examples)
-    with torch.no_grad():
-        return loaded.model.eval()(x, y)[1].item()
+    return sft.answer_loss(ckpt.load_checkpoint(model_path), sft.read_conversations(qa_file))
 
 
 def test_sft_drives_the_answer_loss_down_and_leaves_a_normal_checkpoint(base_model, qa_file, tmp_path):
@@ -264,3 +261,23 @@ def test_adapter_refuses_a_changed_base(base_model, qa_file, tmp_path, capsys):
     ckpt.save_checkpoint(base_model, changed.model, changed.tokenizer)
     assert main(["sample", str(run), "--prompt", "User:"]) == 1
     assert "whose weights differ" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lora_on_smollm2_learns_a_persona_answer(tmp_path):
+    """The imported chat model, its own ChatML template and special tokens, LoRA and the engine."""
+    smol = ckpt.load_checkpoint("smollm2-135m-instruct")
+    template, variables = sft.chat_format(smol)
+    convo = [{"role": "user", "content": "What is your name?"}, {"role": "assistant", "content": "I am Quill."}]
+    ex = sft.render_example(convo, smol.tokenizer, template, variables)
+    assert masked_text(smol.tokenizer, ex, 1) == ["I am Quill.<|im_end|>\n"]
+    data = write_jsonl(tmp_path / "persona.jsonl", [{"messages": convo}] * 8)
+    before = sft.answer_loss(smol, [convo])
+    cfg = finetune_config("lora", {"max_steps": 8, "eval_interval": 8, "batch_size": 4, "lr": 3e-3, "device": "cpu"})
+    options = sft.SFTOptions(val_data=str(data), lora=LoRAConfig(targets="all-linear"))
+    sft.run_sft("smollm2-135m-instruct", str(data), tmp_path / "run", cfg, options, show_progress=False)
+    tuned = ckpt.load_checkpoint(tmp_path / "run")
+    assert sft.answer_loss(tuned, [convo]) < before / 2
+    engine = Engine(tuned)
+    ids = engine.chat_prompt(convo[:1], 16).ids
+    assert "Quill" in "".join(engine.stream(ids, SamplingParams(temperature=0.0, max_new_tokens=16)))

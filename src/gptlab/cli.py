@@ -537,13 +537,65 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
                        help="layers to adapt: comma-separated names (q_proj, k_proj, v_proj, o_proj, gate_proj, "
                             f"up_proj, down_proj) or all-linear (default: {','.join(d.targets)})")
         pk.set_defaults(func=_finetune_sft)
+    pc = fsub.add_parser("classify", help="turn a model into a text classifier",
+                         description="Replace the LM head with a class head read at the last token and train it on "
+                                     "labelled texts (CSV with text,label columns, or JSONL with 'text' and 'label'); "
+                                     "prints held-out accuracy and a confusion matrix.")
+    _finetune_common(pc, "classify")
+    pc.add_argument("--data", required=True, metavar="FILE", help="labelled training texts (.csv or .jsonl)")
+    pc.add_argument("--val-data", default=None, metavar="FILE",
+                    help="labelled validation texts (default: hold out --val-fraction of --data)")
+    pc.add_argument("--val-fraction", type=_fraction, default=0.1, help="share held out when --val-data is not "
+                                                                         "given (default: 0.1)")
+    pc.add_argument("--classes", default=None, help="comma-separated class names, in order (default: the labels "
+                                                    "found in --data, sorted)")
+    pc.add_argument("--train-last-blocks", type=_positive_int, default=None, metavar="N",
+                    help="train only the last N blocks, the final norm and the head (default: every weight)")
+    pc.set_defaults(func=_finetune_classify)
+
+
+def _finetune_classify(args: argparse.Namespace) -> int:
+    import time
+
+    from gptlab.config import finetune_config
+    from gptlab.finetune.classify import run_classify
+
+    cfg = finetune_config("classify", given(args, FINETUNE_TRAIN_FLAGS))
+    out = _finetune_out(args, "classify")
+    start = time.perf_counter()
+    result = run_classify(args.model, args.data, out, cfg, val_data=args.val_data, val_fraction=args.val_fraction,
+                          classes=args.classes.split(",") if args.classes else None,
+                          train_last_blocks=args.train_last_blocks, show_progress=not args.no_progress)
+    code = _report_finetune(result.run, time.perf_counter() - start, "classifier")
+    print(f"try: gptlab classify {out} --text '...'")
+    return code
+
+
+def _classify(args: argparse.Namespace) -> None:
+    from gptlab.finetune.classify import load_classifier, predict
+
+    classifier = load_classifier(args.model)
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise UserError("nothing to classify; pass --text TEXT (repeatable) or lines on standard input")
+    for text, (label, p) in zip(texts, predict(classifier, texts)):
+        print(f"{label}\t{p:.3f}\t{text}")
+
+
+def add_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="label texts with a classifier made by gptlab finetune classify",
+                       description="Print the predicted class, its probability and the text, one per line.")
+    p.add_argument("model", metavar="MODEL", help="a run or checkpoint made by gptlab finetune classify")
+    p.add_argument("--text", action="append", default=None, help="a text to classify (repeatable; default: the "
+                                                                   "lines of standard input)")
+    p.set_defaults(func=_classify)
 
 
 def _merge(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from gptlab.tokenizers.chat_template import checkpoint_chat_config
-    from gptlab.train.checkpoint import find_adapter, load_adapted, save_checkpoint
+    from gptlab.train.checkpoint import CHAT_CONFIG, find_adapter, load_adapted, save_checkpoint
 
     adapter = find_adapter(Path(args.adapter))
     if adapter is None:
@@ -552,7 +604,8 @@ def _merge(args: argparse.Namespace) -> None:
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
     merged = load_adapted(adapter)
-    save_checkpoint(out, merged.model, merged.tokenizer, chat_config=checkpoint_chat_config(merged) or None)
+    chat = checkpoint_chat_config(merged)
+    save_checkpoint(out, merged.model, merged.tokenizer, extra_json={CHAT_CONFIG: chat} if chat else None)
     print(f"merged {adapter} into its base model: {out}\ntry: gptlab chat {out}   or: gptlab export {out} --out DIR")
 
 
@@ -577,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample, add_import, add_export, add_embed,
-                add_chat, add_serve, add_finetune, add_merge):
+                add_chat, add_serve, add_finetune, add_merge, add_classify):
         add(sub)
     return parser
 

@@ -268,12 +268,39 @@ class SFTOptions:
     """A gptlab.model.lora.LoRAConfig to train adapters only, or None to train every weight."""
 
 
+def chat_format(checkpoint) -> tuple[str, dict[str, Any]]:
+    """The chat template a loaded checkpoint is talked to with (its own, or gptlab's built-in
+    one for from-scratch models) and the variables it needs."""
+    from gptlab.inference.engine import BUILTIN_TEMPLATE
+    from gptlab.tokenizers.chat_template import checkpoint_chat_config
+
+    chat = checkpoint_chat_config(checkpoint)
+    return chat.get("chat_template") or BUILTIN_TEMPLATE, {k: chat.get(k) or "" for k in ("bos_token", "eos_token")}
+
+
+@torch.no_grad()
+def answer_loss(checkpoint, conversations: list[list[dict[str, str]]], batch_size: int = 8) -> float:
+    """Mean loss per answer token of a loaded checkpoint on ``conversations`` (what SFT lowers)."""
+    template, variables = chat_format(checkpoint)
+    model = checkpoint.model.eval()
+    examples = render_all(conversations, checkpoint.tokenizer, template, variables,
+                          model.config.block_size + 1).examples
+    total, count = 0.0, 0
+    for b in range(0, len(examples), batch_size):
+        x, y = collate(examples[b:b + batch_size])
+        logits, _ = model(x, y)
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                                                   reduction="sum").item()
+        count += (y != IGNORE).sum().item()
+    return total / count
+
+
 def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | None = None,
             show_progress: bool = True):
     """Fine-tune ``model`` (any MODEL argument) on the conversations in ``data`` with the one
     training loop; the result in ``out`` is a checkpoint (or, with LoRA, an adapter) that
     ``chat``, ``serve``, ``sample`` and ``export`` accept. Returns the loop's ``RunResult``."""
-    from gptlab.inference.engine import BUILTIN_TEMPLATE, Engine, SamplingParams
+    from gptlab.inference.engine import Engine, SamplingParams
     from gptlab.model import lora as lora_lib
     from gptlab.tokenizers.chat_template import checkpoint_chat_config
     from gptlab.train import checkpoint as ckpt
@@ -285,8 +312,7 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
     base = ckpt.load_checkpoint(model)
     net, tokenizer = base.model.float(), base.tokenizer
     chat = checkpoint_chat_config(base)
-    template = chat.get("chat_template") or BUILTIN_TEMPLATE
-    variables = {k: chat.get(k) or "" for k in ("bos_token", "eos_token")}
+    template, variables = chat_format(base)
     max_length = options.max_length or min(net.config.block_size, 2048)
     if max_length > net.config.block_size:
         raise UserError(f"--max-length {max_length} exceeds the model's context of {net.config.block_size} tokens")
@@ -320,7 +346,7 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
 
         def save(path: Path, train_state: dict[str, Any] | None) -> None:
             ckpt.save_checkpoint(path, net, tokenizer, cfg.to_dict() if train_state else None, train_state,
-                                 chat_config=chat or None)
+                                 extra_json={ckpt.CHAT_CONFIG: chat} if chat else None)
 
     probe = val_convs[0]
     probe = probe[:max(i for i, m in enumerate(probe) if m["role"] == "assistant")]

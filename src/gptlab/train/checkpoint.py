@@ -47,10 +47,11 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, train_config: dict[str, Any] | None = None,
-                    train_state: dict[str, Any] | None = None, chat_config: dict[str, Any] | None = None) -> None:
+                    train_state: dict[str, Any] | None = None, extra_json: dict[str, Any] | None = None) -> None:
     """Write a checkpoint directory; it replaces ``path`` only once completely written.
 
-    ``chat_config`` (a chat model's template and special tokens) goes to ``tokenizer_config.json``."""
+    ``extra_json`` maps more file names to JSON values written with the rest, such as a chat
+    model's template and special tokens (``{CHAT_CONFIG: {...}}``) or a classifier's classes."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         del state["lm_head.weight"]  # the same tensor as embed_tokens.weight
@@ -62,8 +63,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, train_co
             atomic_write_json(tmp / TRAIN_CONFIG, train_config)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
-        if chat_config:
-            atomic_write_json(tmp / CHAT_CONFIG, chat_config)
+        for name, value in (extra_json or {}).items():
+            atomic_write_json(tmp / name, value)
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:

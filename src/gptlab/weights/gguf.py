@@ -31,7 +31,7 @@ from gptlab.errors import UserError
 from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
 from gptlab.tokenizers.bpe import bytes_to_unicode, render_token
 from gptlab.tokenizers.hf import HFTokenizer
-from gptlab.train.checkpoint import Checkpoint, save_checkpoint
+from gptlab.train.checkpoint import CHAT_CONFIG, Checkpoint, save_checkpoint
 from gptlab.weights import check_state_dict
 from gptlab.weights.hf import DTYPES
 
@@ -275,4 +275,4 @@ def import_gguf(path: str | Path, dtype: str = "fp32") -> GGUFCheckpoint:
 def save_gguf_import(ckpt: GGUFCheckpoint, out: str | Path) -> None:
     """Write an imported GGUF model as a gptlab checkpoint directory with its
     ``tokenizer_config.json`` (chat template, special tokens) beside it."""
-    save_checkpoint(out, ckpt.model, ckpt.tokenizer, chat_config=ckpt.tokenizer_config)
+    save_checkpoint(out, ckpt.model, ckpt.tokenizer, extra_json={CHAT_CONFIG: ckpt.tokenizer_config})
