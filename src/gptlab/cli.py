@@ -629,8 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from gptlab.viz.cli import add_viz
+
     for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample, add_import, add_export, add_embed,
-                add_chat, add_serve, add_finetune, add_merge, add_classify):
+                add_chat, add_serve, add_finetune, add_merge, add_classify, add_viz):
         add(sub)
     return parser
 
