@@ -86,6 +86,9 @@ class TrainConfig:
     """Compute precision: auto (bf16 where the hardware runs it fast, else fp32), fp32, bf16, fp16."""
     compile: bool = False
     """Compile the model with torch.compile (slower start, faster steps)."""
+    fsdp: bool = False
+    """Under torchrun, shard parameters, gradients and optimizer state across processes (FSDP2) instead of
+    replicating the model (DDP): for models that do not fit one device."""
     seed: int = 1337
     """Seeds weights, batches and dropout; the same seed gives the same run on CPU."""
 

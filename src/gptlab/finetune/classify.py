@@ -38,6 +38,7 @@ from gptlab.errors import UserError
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import Tokenizer, load_tokenizer_file
 from gptlab.train import checkpoint as ckpt
+from gptlab.train.distributed import world_size
 from gptlab.train.loop import Batch, Job, RunResult, run_job
 from gptlab.train.system import pick_device
 
@@ -334,12 +335,17 @@ def classify_job(model: GPT, tokenizer: Tokenizer, classes: Sequence[str], train
         predicted = class_probabilities(m, seqs, pad_id, cfg.batch_size).argmax(-1)
         return {"val_accuracy": (predicted == torch.tensor(labels)).float().mean().item()}
 
-    def save(path: Path, train_state: dict[str, Any] | None) -> None:
+    if cfg.fsdp:
+        raise UserError("--fsdp is for pretraining and full instruction fine-tuning; train a classifier with DDP "
+                        "(drop --fsdp)")
+
+    def save(path: Path, train_state: dict[str, Any] | None, weights=None, folders=None) -> None:
         save_classifier(path, model, tokenizer, classes, cfg.to_dict() if train_state else None, train_state)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cut = f"; {truncated:,} texts cut to {block} tokens" if truncated else ""
-    return Job(model, ClassBatches(*parts["train"], cfg.batch_size, cfg.seed, pad_id), eval_batches, save,
+    return Job(model, ClassBatches(*parts["train"], cfg.batch_size * world_size(), cfg.seed, pad_id), eval_batches,
+               save,
                description=f"fine-tuning a {len(classes)}-class classifier ({trainable:,} of "
                            f"{model.num_parameters():,} parameters trained) on {len(train):,} examples, "
                            f"{len(val):,} held out{cut}",

@@ -304,6 +304,7 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
     from gptlab.model import lora as lora_lib
     from gptlab.tokenizers.chat_template import checkpoint_chat_config
     from gptlab.train import checkpoint as ckpt
+    from gptlab.train.distributed import world_size
     from gptlab.train.loop import Job, run_job
 
     options = options or SFTOptions()
@@ -334,19 +335,23 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
         raise UserError("no validation conversation is left after cutting to --max-length; raise it")
 
     source = str(Path(model).resolve()) if Path(model).exists() else model
+    if options.lora is not None and cfg.fsdp:
+        raise UserError("--fsdp shards a full fine-tuning; LoRA adapters are small enough to train with DDP (drop "
+                        "--fsdp)")
     if options.lora is not None:
         adapted = lora_lib.add_lora(net, options.lora)
         what = f"LoRA (rank {options.lora.rank}) on {len(adapted)} layers, {lora_lib.train_stats(net)}"
 
-        def save(path: Path, train_state: dict[str, Any] | None) -> None:
+        def save(path: Path, train_state: dict[str, Any] | None, weights=None, folders=None) -> None:
             lora_lib.save_adapter(path, net, options.lora, source, train_state=train_state,
                                   train_config=cfg.to_dict() if train_state else None)
     else:
         what = f"all {net.num_parameters():,} parameters"
 
-        def save(path: Path, train_state: dict[str, Any] | None) -> None:
+        def save(path: Path, train_state: dict[str, Any] | None, weights=None, folders=None) -> None:
             ckpt.save_checkpoint(path, net, tokenizer, cfg.to_dict() if train_state else None, train_state,
-                                 extra_json={ckpt.CHAT_CONFIG: chat} if chat else None)
+                                 extra_json={ckpt.CHAT_CONFIG: chat} if chat else None, state_dict=weights,
+                                 folders=folders)
 
     probe = val_convs[0]
     probe = probe[:max(i for i, m in enumerate(probe) if m["role"] == "assistant")]
@@ -362,7 +367,7 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
     pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
     n_answer = sum(sum(e.mask[1:]) for e in train_ex)
     n_tokens = sum(len(e.ids) for e in train_ex)
-    job = Job(net, LengthGroupedBatches(train_ex, cfg.batch_size, cfg.seed, pad),
+    job = Job(net, LengthGroupedBatches(train_ex, cfg.batch_size * world_size(), cfg.seed, pad),
               lambda split: fixed_batches(val_ex if split == "val" else train_ex, cfg.batch_size, cfg.eval_batches,
                                           pad),
               save, description=f"fine-tuning {what} of {model} on {len(train_ex):,} conversations ({n_tokens:,} "

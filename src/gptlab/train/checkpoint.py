@@ -47,12 +47,15 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, train_config: dict[str, Any] | None = None,
-                    train_state: dict[str, Any] | None = None, extra_json: dict[str, Any] | None = None) -> None:
+                    train_state: dict[str, Any] | None = None, extra_json: dict[str, Any] | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None, folders: dict[str, Path] | None = None) -> None:
     """Write a checkpoint directory; it replaces ``path`` only once completely written.
 
     ``extra_json`` maps more file names to JSON values written with the rest, such as a chat
-    model's template and special tokens (``{CHAT_CONFIG: {...}}``) or a classifier's classes."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    model's template and special tokens (``{CHAT_CONFIG: {...}}``) or a classifier's classes.
+    ``state_dict`` stands in for the model's own (FSDP gathers the weights of a sharded model);
+    ``folders`` ({name: existing folder}) are moved into the checkpoint before it is put in place."""
+    state = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     if model.config.tie_embeddings:
         del state["lm_head.weight"]  # the same tensor as embed_tokens.weight
     with atomic_dir(path) as tmp:
@@ -65,6 +68,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, train_co
             torch.save(train_state, tmp / TRAIN_STATE)
         for name, value in (extra_json or {}).items():
             atomic_write_json(tmp / name, value)
+        for name, folder in (folders or {}).items():
+            Path(folder).rename(tmp / name)
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:

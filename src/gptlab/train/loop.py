@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +43,7 @@ from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import Tokenizer
 from gptlab.train import checkpoint as ckpt
+from gptlab.train import distributed
 from gptlab.train.metrics import MetricsLogger, plot_loss
 from gptlab.train.optim import build_optimizer, lr_at
 from gptlab.train.system import autocast, dtype_name, pick_device, pick_dtype
@@ -79,8 +80,10 @@ class Job:
     train_batches: Batches
     #: "train" or "val" -> the same batches on every call, so evaluations are comparable
     eval_batches: Callable[[str], Iterable[Batch]]
-    #: write a checkpoint directory; the second argument is the train state, or None for best/
-    save: Callable[[Path, dict[str, Any] | None], None]
+    #: write a checkpoint directory: ``save(path, train_state, weights, folders)``. train_state is None
+    #: for best/; weights (a state dict) replaces the model's own when given (FSDP gathers them);
+    #: folders ({name: path}) are moved into the checkpoint (FSDP's sharded optimizer state)
+    save: Callable[..., None]
     #: a one-line description printed at the start ("fine-tuning ... on 1,234 conversations")
     description: str
     loss: Callable[[nn.Module, Batch], torch.Tensor] = lm_loss
@@ -145,17 +148,19 @@ def pretrain_job(model: GPT, data: PreparedData, cfg: TrainConfig) -> Job:
         batches = RandomBatches(data.tokens(split), block, cfg.batch_size, seed=cfg.seed + (1 if split == "val" else 2))
         return (batches.next() for _ in range(cfg.eval_batches))
 
-    def save(path: Path, train_state: dict[str, Any] | None) -> None:
-        ckpt.save_checkpoint(path, model, tokenizer, cfg.to_dict() if train_state else None, train_state)
+    def save(path: Path, train_state: dict[str, Any] | None, weights=None, folders=None) -> None:
+        ckpt.save_checkpoint(path, model, tokenizer, cfg.to_dict() if train_state else None, train_state,
+                             state_dict=weights, folders=folders)
 
     def sample(m: nn.Module) -> str:
         return sample_text(model, tokenizer, cfg.sample_tokens, cfg.seed, model.embed_tokens.weight.device)
 
     cfg_m = model.config
-    return Job(model, RandomBatches(data.tokens("train"), block, cfg.batch_size, seed=cfg.seed), eval_batches, save,
+    global_batch = cfg.batch_size * distributed.world_size()  # every process draws it and keeps its share
+    return Job(model, RandomBatches(data.tokens("train"), block, global_batch, seed=cfg.seed), eval_batches, save,
                description=f"training {model.num_parameters():,} parameters ({cfg_m.n_layer} layers, {cfg_m.n_embd} "
-                           f"wide) on {data.meta['train_tokens']:,} tokens, {cfg.batch_size * block * cfg.grad_accum:,} "
-                           "tokens/step",
+                           f"wide) on {data.meta['train_tokens']:,} tokens, "
+                           f"{global_batch * block * cfg.grad_accum:,} tokens/step",
                sample=sample, bits_per_byte=data.meta["val_tokens"] / data.meta["val_bytes"] / math.log(2))
 
 
@@ -163,7 +168,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
           show_progress: bool = True) -> RunResult:
     """Pretrain (or resume pretraining) into ``run_dir``; see the module docstring."""
     run_dir = Path(run_dir)
-    data = load_data(cfg)
+    d = distributed.setup(cfg.device)
+    if d.is_main:  # one process prepares the data; the others then find it ready
+        data = load_data(cfg)
+    distributed.barrier()
+    if not d.is_main:
+        data = load_data(cfg)
     tokenizer = data.tokenizer()
     state = None
     if resume:
@@ -249,15 +259,23 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
     """Train ``job`` into ``run_dir`` under ``cfg``'s optimisation settings; ``state`` (a saved
     train state) continues a run exactly where it stopped."""
     run_dir = Path(run_dir)
-    device = pick_device(cfg.device)
+    d = distributed.setup(cfg.device)
+    distributed.check_same_settings({"train": cfg.to_dict(), "job": job.description}, d)
+    device = distributed.device_for(d, pick_device(cfg.device))
     dtype = pick_dtype(cfg.dtype, device)
     random.seed(cfg.seed)
     model = job.model.to(device)
+    wrapped = distributed.wrap(model, d, cfg.fsdp)  # DDP, FSDP2 (in place) or the model itself
     optimizer = build_optimizer(model, cfg, device)
     batches = job.train_batches
     step, tokens_seen, best_val, evals_since_best = 0, 0, math.inf, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:
+            distributed.load_sharded_optimizer(model, optimizer, run_dir / "last" / distributed.SHARDS)
+        elif "optimizer" not in state:
+            raise UserError(f"{run_dir} was trained with --fsdp; resume it with --fsdp (any number of processes)")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["batches"])
         _set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens"]
@@ -265,14 +283,35 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
         if step >= cfg.max_steps:
             raise UserError(f"{run_dir} already finished its {cfg.max_steps} steps; pass a larger --max-steps "
                             "to train further")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fwd = torch.compile(model) if cfg.compile else model
-    metrics = MetricsLogger(run_dir)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    fwd = torch.compile(wrapped) if cfg.compile else wrapped
+    metrics = MetricsLogger(run_dir) if d.is_main else None
+
+    def say(text: str) -> None:
+        if d.is_main:
+            tqdm.write(text)
+
+    def save(name: str, train_state: dict[str, Any] | None) -> None:
+        """Write run_dir/name from rank 0; with FSDP every rank first hands over its shards."""
+        weights = folders = None
+        if cfg.fsdp:
+            weights = distributed.full_weights(model)
+            if train_state is not None:
+                shards = run_dir / f".{name}.{distributed.SHARDS}"
+                distributed.save_sharded_optimizer(model, optimizer, shards, d)
+                folders = {distributed.SHARDS: shards}
+        if d.is_main:
+            job.save(run_dir / name, train_state, weights, folders)
+        distributed.barrier()
 
     def save_last() -> None:
-        job.save(run_dir / "last", {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
-                                    "rng": _rng_state(), "step": step, "tokens": tokens_seen, "best_val": best_val,
-                                    "evals_since_best": evals_since_best})
+        train_state = {"batches": batches.state_dict(), "rng": _rng_state(), "step": step, "tokens": tokens_seen,
+                       "best_val": best_val, "evals_since_best": evals_since_best}
+        if not cfg.fsdp:  # FSDP saves it sharded, beside
+            train_state["optimizer"] = optimizer.state_dict()
+        save("last", train_state)
 
     def run_eval() -> dict[str, float]:
         nonlocal best_val, evals_since_best
@@ -289,7 +328,7 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
             fwd.train(was_training)
         if val < best_val:
             best_val, evals_since_best = val, 0
-            job.save(run_dir / "best", None)
+            save("best", None)
         else:
             evals_since_best += 1
         return result
@@ -302,7 +341,8 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
                   ("eval_train_loss", "val_loss", "val_ppl", "val_bits_per_byte")]
         return f"train {e['eval_train_loss']:.4f}, val {e['val_loss']:.4f} ({', '.join(extra)})"
 
-    tqdm.write(f"{job.description} | {device.type} {dtype_name(dtype)} | run dir {run_dir}")
+    procs = f" | {d.world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if d.active else ""
+    say(f"{job.description} | {device.type} {dtype_name(dtype)}{procs} | run dir {run_dir}")
     start_step, t0 = step, time.perf_counter()
     last_log_t, last_log_tokens = t0, tokens_seen
     paused = 0.0  # seconds spent on evaluation and samples since the last log, left out of tokens/s
@@ -311,33 +351,42 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
     stopped, last_eval = "max_steps", {}
     # In a terminal the bar redraws in place; in a log file every redraw is a new line, so redraw rarely there.
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not show_progress, dynamic_ncols=True,
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not (show_progress and d.is_main),
+               dynamic_ncols=True,
                mininterval=0.2 if interactive else 30.0)
     fwd.train()
     try:
         with graceful_stop() as stop_requested:
             while step < cfg.max_steps:
+                reason = None
                 if cfg.max_tokens is not None and tokens_seen >= cfg.max_tokens:
-                    stopped = "max_tokens"
-                    break
-                if cfg.max_time is not None and time.perf_counter() - t0 >= cfg.max_time:
-                    stopped = "max_time"
-                    break
-                if stop_requested.is_set():
-                    stopped = "interrupted"
+                    reason = "max_tokens"
+                elif cfg.max_time is not None and time.perf_counter() - t0 >= cfg.max_time:
+                    reason = "max_time"
+                elif stop_requested.is_set():
+                    reason = "interrupted"
+                if d.active:  # clocks and signals differ between processes: rank 0 decides for all
+                    reason = distributed.broadcast(reason)
+                if reason is not None:
+                    stopped = reason
                     break
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 try:
-                    for _ in range(cfg.grad_accum):
+                    for micro in range(cfg.grad_accum):
                         batch = batches.next()
-                        with autocast(device, dtype):
-                            loss = job.loss(fwd, tuple(t.to(device, non_blocking=True) for t in batch))
-                        (loss / cfg.grad_accum).backward()
+                        tokens_seen += batch[0].numel()  # the global batch: every process's share
+                        batch = distributed.shard_batch(batch, d)
+                        # DDP averages gradients across processes once, on the last micro-batch.
+                        sync = nullcontext() if micro == cfg.grad_accum - 1 or not hasattr(wrapped, "no_sync") \
+                            else wrapped.no_sync()
+                        with sync:
+                            with autocast(device, dtype):
+                                loss = job.loss(fwd, tuple(t.to(device, non_blocking=True) for t in batch))
+                            (loss / cfg.grad_accum).backward()
                         loss_sum += loss.detach().float()
                         loss_count += 1
-                        tokens_seen += batch[0].numel()
                     grad_norm = (torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                                 cfg.grad_clip)
                                  if cfg.grad_clip > 0 else None)
@@ -354,6 +403,9 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
 
                 is_eval = step % cfg.eval_interval == 0 or step == cfg.max_steps
                 if step % cfg.log_interval == 0 or is_eval:
+                    if d.active:
+                        torch.distributed.all_reduce(loss_sum)
+                        loss_sum /= d.world
                     train_loss = (loss_sum / max(loss_count, 1)).item()
                     loss_sum.zero_()
                     loss_count = 0
@@ -369,18 +421,20 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
                     if is_eval:
                         last_eval = run_eval()
                         row.update(last_eval)
-                        tqdm.write(f"step {step}: {describe_eval(last_eval)}")
+                        say(f"step {step}: {describe_eval(last_eval)}")
                         save_last()
                         paused += time.perf_counter() - now
-                    metrics.log(row)
+                    if metrics is not None:
+                        metrics.log(row)
                     bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                     if is_eval and cfg.patience is not None and evals_since_best >= cfg.patience:
                         stopped = "early_stopping"
-                        tqdm.write(f"no better validation loss in {cfg.patience} evaluations; stopping early")
+                        say(f"no better validation loss in {cfg.patience} evaluations; stopping early")
                         break
                 if job.sample is not None and cfg.sample_interval and step % cfg.sample_interval == 0:
                     sample_start = time.perf_counter()
-                    tqdm.write(f"--- sample at step {step} ---\n{job.sample(model)}\n---")
+                    text = job.sample(model)  # on every rank: with FSDP each forward needs them all
+                    say(f"--- sample at step {step} ---\n{text}\n---")
                     paused += time.perf_counter() - sample_start
     finally:
         bar.close()
@@ -389,14 +443,19 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
         if step > start_step and step % cfg.eval_interval != 0 and step != cfg.max_steps:
             # Stopped between evaluations (tokens, time, Ctrl-C): evaluate and save where we are.
             last_eval = run_eval()
-            metrics.log({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.perf_counter() - t0, 3),
-                         **last_eval})
+            if metrics is not None:
+                metrics.log({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.perf_counter() - t0, 3),
+                             **last_eval})
             save_last()
         if job.sample is not None:
             sample = job.sample(model)
-            with (run_dir / "samples.txt").open("a") as f:
-                f.write(f"=== step {step} ===\n{sample}\n\n")
+            if d.is_main:
+                with (run_dir / "samples.txt").open("a") as f:
+                    f.write(f"=== step {step} ===\n{sample}\n\n")
     finally:
-        metrics.close()
-    plot_loss(run_dir / "metrics.csv", run_dir / "loss.png", title=f"{run_dir.name}: {model.num_parameters():,} parameters")
+        if metrics is not None:
+            metrics.close()
+    if d.is_main:
+        plot_loss(run_dir / "metrics.csv", run_dir / "loss.png",
+                  title=f"{run_dir.name}: {model.num_parameters():,} parameters")
     return RunResult(run_dir, step, tokens_seen, stopped, None if math.isinf(best_val) else best_val, last_eval, sample)

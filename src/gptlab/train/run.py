@@ -83,6 +83,7 @@ def run_training(preset: str | None = None, config_file: str | None = None, out:
                  resume: str | None = None, force: bool = False, model_overrides: dict[str, Any] | None = None,
                  train_overrides: dict[str, Any] | None = None, show_progress: bool = True) -> int:
     """Run ``gptlab train``; returns the process exit code (130 when stopped by Ctrl-C/SIGTERM)."""
+    from gptlab.train import distributed
     from gptlab.train.loop import train
 
     model_overrides, train_overrides = model_overrides or {}, train_overrides or {}
@@ -91,32 +92,53 @@ def run_training(preset: str | None = None, config_file: str | None = None, out:
         if src.name in ("last", "best") and (src / ckpt.WEIGHTS).exists():
             src = src.parent
         model_cfg, train_cfg = _resume_configs(src, preset, config_file, model_overrides, train_overrides)
-        run_dir = src
-        if out is not None and Path(out).resolve() != src.resolve():
-            run_dir = Path(out)
-            claim_out(run_dir, force)
-            shutil.copytree(src, run_dir, dirs_exist_ok=True)
-            print(f"branching {src} into {run_dir}")
     else:
         if preset is None and config_file is None:
             preset = DEFAULT_PRESET
         model_cfg, train_cfg = resolve_config(preset, config_file, model_overrides, train_overrides)
+    d = distributed.setup(train_cfg.device)
+
+    def choose_run_dir() -> Path:
+        if resume is not None:
+            if out is None or Path(out).resolve() == src.resolve():
+                return src
+            claim_out(Path(out), force)
+            shutil.copytree(src, out, dirs_exist_ok=True)
+            print(f"branching {src} into {out}")
+            return Path(out)
         if out is None:
-            run_dir = fresh_run_dir(preset or Path(config_file).stem)
-        else:
-            run_dir = Path(out)
-            claim_out(run_dir, force)
+            return fresh_run_dir(preset or Path(config_file).stem)
+        claim_out(Path(out), force)
+        return Path(out)
+
+    # Only rank 0 looks at and changes the file system; every rank gets its answer (or its error).
+    run_dir, error = None, None
+    if d.is_main:
+        try:
+            run_dir = choose_run_dir()
+        except UserError as e:
+            error = str(e)
+    run_dir, error = distributed.broadcast((run_dir, error))
+    if error is not None:
+        raise UserError(error)
+    quiet = not d.is_main
 
     start = time.perf_counter()
-    result = train(model_cfg, train_cfg, run_dir, resume=resume is not None, show_progress=show_progress)
+    try:
+        result = train(model_cfg, train_cfg, run_dir, resume=resume is not None, show_progress=show_progress)
+    finally:
+        distributed.teardown()
     took = time.perf_counter() - start
+    code = 130 if result.stopped == "interrupted" else 0
+    if quiet:
+        return code
     print(f"\n--- sample ---\n{result.sample}\n--------------")
     best = "" if result.best_val_loss is None else f"; best validation loss {result.best_val_loss:.4f}"
     print(f"{result.stopped.replace('_', ' ')} after {result.step} steps ({result.tokens:,} tokens) in {took:.0f} s"
           f"{best}")
     print(f"checkpoint: {ckpt.resolve_checkpoint(run_dir)}   (metrics.csv, loss.png and samples.txt in {run_dir})")
-    if result.stopped == "interrupted":
+    if code:
         print(f"resume with: gptlab train --resume {run_dir}", file=sys.stderr)
-        return 130
-    print(f"try: gptlab sample {run_dir} --prompt 'ROMEO:'")
-    return 0
+    else:
+        print(f"try: gptlab sample {run_dir} --prompt 'ROMEO:'")
+    return code

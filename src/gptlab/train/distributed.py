@@ -1,0 +1,194 @@
+"""Many processes, one run: DDP or FSDP2 under ``torchrun``, using PyTorch's own engines.
+
+Launch the same ``gptlab train`` (or ``finetune sft``) command once per device::
+
+    torchrun --nproc_per_node 8 -m gptlab train --preset gpt2              # one machine, 8 GPUs
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 \\
+             --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m gptlab train --preset gpt2
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them gptlab runs as one
+process, as always. Backends: NCCL on CUDA, gloo on the CPU (which is how the tests run).
+
+How the work is split. Every process draws the same *global* batch of ``batch_size * world``
+sequences (the sampler's generator is seeded alike everywhere) and keeps its own slice of
+``batch_size`` rows. So N processes with ``--batch-size B`` train on exactly the data that one
+process with ``--batch-size N*B`` sees, and the gradients, averaged across processes, are the
+same up to float rounding. The sampler state is therefore global too, which is what lets a run
+resume with a different number of processes.
+
+- DDP (the default with several processes): each process holds the whole model; gradients are
+  averaged during backward. Rank 0 writes ordinary checkpoints.
+- FSDP2 (``--fsdp``, ``torch.distributed.fsdp.fully_shard``): parameters, gradients and
+  optimizer state are sharded, for models that do not fit one device. The weights are gathered
+  to rank 0 for an ordinary ``model.safetensors``; the optimizer state is saved sharded, as a
+  distributed checkpoint (``torch.distributed.checkpoint``) in ``last/distributed/``, which any
+  number of processes can load (it is resharded on load).
+
+Every process must run the same settings. They are compared at start-up, so a mismatch (a
+different flag on one node) stops every rank with the same message instead of a hang later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gptlab.errors import UserError
+
+SHARDS = "distributed"  # the folder of a checkpoint that holds FSDP's sharded optimizer state
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def launched() -> bool:
+    """True when torchrun (or a launcher like it) started this process."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
+def setup(device: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun (idempotent); else a single process."""
+    if not launched():
+        return Dist()
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if not dist.is_initialized():
+        use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local)
+
+
+def current() -> Dist:
+    """The running process's ``Dist`` (rank 0 of 1 outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dist()
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device_for(d: Dist, device: torch.device) -> torch.device:
+    """Each process uses its own GPU; CPU processes share the CPU."""
+    if d.active and device.type == "cuda":
+        return torch.device("cuda", d.local_rank)
+    return device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a decision only rank 0 may take, such as a run dir)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_same_settings(settings: dict[str, Any], d: Dist) -> None:
+    """Stop every rank with one message if the ranks were started with different settings."""
+    if not d.active:
+        return
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    digests: list[str | None] = [None] * d.world
+    dist.all_gather_object(digests, digest)
+    odd = [r for r, h in enumerate(digests) if h != digests[0]]
+    if odd:
+        raise UserError(f"the {d.world} processes were started with different settings (ranks {odd} differ from "
+                        "rank 0); launch every process with the same command and files")
+
+
+def shard_batch(batch: tuple[torch.Tensor, ...], d: Dist) -> tuple[torch.Tensor, ...]:
+    """This rank's rows of a global batch."""
+    if d.world == 1:
+        return batch
+    n = batch[0].size(0) // d.world
+    return tuple(t[d.rank * n:(d.rank + 1) * n] for t in batch)
+
+
+def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
+    """The module the loop runs forward and backward on: the model itself, DDP around it, or
+    the model sharded in place by FSDP2 (each block its own unit, then the rest)."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if not d.active:
+            raise UserError("--fsdp needs a process group: launch with torchrun (--nproc_per_node 1 works too)")
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    if d.active and d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device = next(model.parameters()).device
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP model's whole state dict, gathered to rank 0's CPU (empty on other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, d: Dist) -> None:
+    """Every rank writes its shard of the optimizer state into ``folder`` (a distributed checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer)
+    if d.is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    barrier()
+    dcp.save({"optimizer": state}, checkpoint_id=str(folder))
+    barrier()
+
+
+def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Load a sharded optimizer state saved by any number of processes into this run's shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    if not folder.is_dir():
+        raise UserError(f"{folder.parent} has no {SHARDS}/ optimizer state: it was not saved with --fsdp; resume it "
+                        "without --fsdp")
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
