@@ -11,3 +11,21 @@ def tiny_corpus_text() -> str:
     from gptlab.data.sources import load_corpus
 
     return load_corpus("shakespeare-tiny").text
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory):
+    """A tiny from-scratch chat model (trained for a few steps) in an ``Engine``, shared by the server tests."""
+    from gptlab.config import resolve_config
+    from gptlab.inference.engine import Engine
+    from gptlab.train.checkpoint import load_checkpoint
+    from gptlab.train.loop import train
+
+    tmp = tmp_path_factory.mktemp("serve")
+    (tmp / "c.txt").write_text("User: hello\nAssistant: hi there\n" * 300)
+    model_cfg, cfg = resolve_config("tiny", model_overrides={"block_size": 64},
+                                    train_overrides={"corpus": str(tmp / "c.txt"), "max_steps": 3, "warmup_steps": 1})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTLAB_CACHE", str(tmp / "cache"))
+        train(model_cfg, cfg, tmp / "run", show_progress=False)
+    return Engine(load_checkpoint(tmp / "run"))

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,45 +15,13 @@ import openai
 import pytest
 import uvicorn
 
-from gptlab.inference.engine import Engine, SamplingParams
+from gptlab.inference.engine import Completion, Engine, SamplingParams
 from gptlab.serve import app as serve_app
 from gptlab.serve.app import create_app
+from live_server import serve
 
 MODEL = "tiny-test"
 HI = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    from gptlab.config import resolve_config
-    from gptlab.train.checkpoint import load_checkpoint
-    from gptlab.train.loop import train
-
-    tmp = tmp_path_factory.mktemp("serve")
-    (tmp / "c.txt").write_text("User: hello\nAssistant: hi there\n" * 300)
-    model_cfg, cfg = resolve_config("tiny", model_overrides={"block_size": 64},
-                                    train_overrides={"corpus": str(tmp / "c.txt"), "max_steps": 3, "warmup_steps": 1})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPTLAB_CACHE", str(tmp / "cache"))
-        train(model_cfg, cfg, tmp / "run", show_progress=False)
-    return Engine(load_checkpoint(tmp / "run"))
-
-
-def serve(app) -> Iterator[str]:
-    """Run ``app`` on a free loopback port in a thread; yield its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +137,7 @@ class GatedEngine:
     def chat_prompt(self, messages, max_new_tokens):
         return self.engine.chat_prompt(messages, max_new_tokens)
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Generator[str, None, Completion]:
         try:
             for _ in range(params.max_new_tokens):
                 self.started.set()
@@ -178,6 +145,7 @@ class GatedEngine:
                 yield "e"
         finally:
             self.closed.set()
+        return Completion("e" * params.max_new_tokens, [0] * params.max_new_tokens, "length")
 
 
 def test_full_queue_gets_503_and_a_disconnect_stops_generation(engine):

@@ -1,24 +1,28 @@
-"""The generation engine: prompts in, streamed text out, for `chat` (and later the server).
+"""The generation engine: prompts in, streamed text out, for `chat`, the server and batches.
 
 It adds to ``generate`` (prefill + KV-cached decode) what a conversation needs:
 - the model's chat template (or a plain built-in one for from-scratch models) and a system
   prompt, with the oldest turns dropped when the conversation outgrows the context window;
 - EOS ids and stop strings; a stop string is never shown, even in part: text that could still
   turn out to be the start of one is held back until it cannot;
-- streaming that never splits a UTF-8 character (``stream_decode``);
-- a seed per request.
+- streaming that never splits a UTF-8 character;
+- a seed per request;
+- a ``Completion`` for every answer: its text, the ids the model generated and why it stopped
+  ("stop" or "length"), so token counts are exact;
+- several prompts of different lengths in one batch (``generate_batch``), left-padded, each
+  stopping on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import codecs
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gptlab.errors import UserError
-from gptlab.inference.run import stream_decode
 from gptlab.inference.sampling import check_sampling_args, generate
 from gptlab.tokenizers.chat_template import chat_config, render_chat
 
@@ -48,6 +52,18 @@ class SamplingParams:
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p)
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+
+
+@dataclass
+class Completion:
+    """One finished answer."""
+
+    #: what is shown: the decoded output, cut before any stop string, without EOS
+    text: str
+    #: every id the model generated, EOS and the tokens of a stop string included (what it cost)
+    token_ids: list[int]
+    #: "stop" (EOS or a stop string) or "length" (max_new_tokens reached first)
+    finish_reason: str
 
 
 @dataclass
@@ -94,40 +110,107 @@ class Engine:
 
     # --- generation ---------------------------------------------------------------------------
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Generator[str, None, Completion]:
         """Yield the continuation of ``prompt_ids`` as text pieces until EOS, a stop string or
-        ``max_new_tokens``."""
+        ``max_new_tokens``; return (as the generator's value) the ``Completion``."""
+        answer = self._answers([prompt_ids], params)[0]
+        for _ in self._run([prompt_ids], [answer], params):
+            if piece := answer.take():
+                yield piece
+        return answer.completion()
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Continue every prompt in one batch; each stops on its own EOS, stop string or
+        ``max_new_tokens``, and the batch ends when all have.
+
+        Greedy answers (temperature 0) are the ones each prompt gets alone. With sampling, the
+        batch draws from one generator seeded by ``params.seed``: reproducible, but not the
+        same draws as each prompt alone.
+        """
+        answers = self._answers(prompts, params)
+        for _ in self._run(prompts, answers, params):
+            pass
+        return [a.completion() for a in answers]
+
+    def _answers(self, prompts: list[list[int]], params: SamplingParams) -> list[_Answer]:
         params.check()
-        if not prompt_ids:
-            raise UserError("the prompt is empty")
+        if not prompts or not all(prompts):
+            raise UserError("a prompt is empty; give each prompt at least one token")
+        stops = tuple(params.stop) + self.default_stops
+        return [_Answer(self.tokenizer, self.eos_ids, stops, params.max_new_tokens) for _ in prompts]
+
+    def _run(self, prompts: list[list[int]], answers: list[_Answer], params: SamplingParams) -> Iterator[None]:
+        """Generate for ``prompts`` (left-padded into one batch), feeding each step's tokens to
+        ``answers``; yield after every step, stop once every answer is finished."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
-        stops = tuple(params.stop) + self.default_stops
-        idx = torch.tensor([prompt_ids], device=self.device)
+        width = max(len(p) for p in prompts)
+        idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (B, T)
+        real = None  # all the same length: no padding, no mask
+        if any(len(p) < width for p in prompts):
+            real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=self.device)
+        with torch.no_grad():
+            steps = generate(self.model, idx, params.max_new_tokens, temperature=params.temperature,
+                             top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, generator=generator,
+                             repetition_penalty=params.repetition_penalty, attention_mask=real)
+            for step in steps:
+                for answer, token in zip(answers, step.tolist()):
+                    answer.add(token)
+                yield
+                if all(a.finish_reason for a in answers):
+                    return
 
-        def token_ids() -> Iterator[int]:
-            with torch.no_grad():
-                for t in generate(self.model, idx, params.max_new_tokens, temperature=params.temperature,
-                                  top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, generator=generator,
-                                  repetition_penalty=params.repetition_penalty):
-                    if int(t[0]) in self.eos_ids:
-                        return
-                    yield int(t[0])
 
-        pending = ""  # text not yet shown because it may be the start of a stop string
-        for piece in stream_decode(self.tokenizer, token_ids()):
-            pending += piece
-            hit = min((i for i in (pending.find(s) for s in stops) if i != -1), default=-1)
-            if hit != -1:
-                if hit:
-                    yield pending[:hit]
-                return
-            safe = len(pending) - _longest_stop_prefix(pending, stops)
-            if safe:
-                yield pending[:safe]
-                pending = pending[safe:]
-        if pending:
-            yield pending
+class _Answer:
+    """One sequence's output as its tokens arrive: the ids, the text safe to show, the text
+    held back (an incomplete UTF-8 character, or what may be the start of a stop string), and,
+    once finished, why."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], stops: tuple[str, ...], max_new_tokens: int):
+        self.tokenizer, self.eos_ids, self.stops, self.max_new_tokens = tokenizer, eos_ids, stops, max_new_tokens
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.token_ids: list[int] = []
+        self.shown = ""  # all text released so far
+        self.fresh = ""  # released but not yet taken by a stream
+        self.pending = ""  # decoded but held back
+        self.finish_reason: str | None = None
+
+    def add(self, token: int) -> None:
+        """Take the next generated id (ignored once finished: the batch may run on)."""
+        if self.finish_reason:
+            return
+        self.token_ids.append(token)
+        if token in self.eos_ids:
+            self._finish("stop", self.decoder.decode(b"", final=True))
+            return
+        self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        hit = min((i for i in (self.pending.find(s) for s in self.stops) if i != -1), default=-1)
+        if hit != -1:
+            self.pending = self.pending[:hit]
+            self._finish("stop")
+        elif len(self.token_ids) == self.max_new_tokens:
+            self._finish("length", self.decoder.decode(b"", final=True))
+        else:
+            self._release(len(self.pending) - _longest_stop_prefix(self.pending, self.stops))
+
+    def _finish(self, reason: str, tail: str = "") -> None:
+        # A stop string can only be completed by further text, and none comes: show the rest.
+        self.pending += tail
+        self._release(len(self.pending))
+        self.finish_reason = reason
+
+    def _release(self, n: int) -> None:
+        self.shown += self.pending[:n]
+        self.fresh += self.pending[:n]
+        self.pending = self.pending[n:]
+
+    def take(self) -> str:
+        """The text released since the last call."""
+        piece, self.fresh = self.fresh, ""
+        return piece
+
+    def completion(self) -> Completion:
+        return Completion(self.shown, self.token_ids, self.finish_reason)
 
 
 def _longest_stop_prefix(text: str, stops: tuple[str, ...]) -> int:

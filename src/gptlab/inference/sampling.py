@@ -154,6 +154,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     repetition_penalty: float | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Continue the prompts ``idx`` (B, T), yielding each step's new token ids as a (B,) tensor.
 
@@ -171,6 +172,10 @@ def generate(
     tokens, because the model would then see less than block_size of the past.)
 
     ``repetition_penalty`` (> 1 discourages repeats) counts every token of prompt and output.
+
+    Prompts of different lengths go in one batch left-padded, with ``attention_mask`` (B, T)
+    False (or 0) at the padding (the model must take ``attention_mask``, as ``GPT`` does).
+    Each row then continues as it would alone: greedy decoding gives the same tokens.
     """
     if idx.dim() != 2 or idx.size(1) == 0:
         raise UserError(f"the prompt must hold at least one token, got shape {tuple(idx.shape)}")
@@ -178,17 +183,24 @@ def generate(
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     block_size = model.config.block_size
     is_gpt = hasattr(model, "new_kv_cache")  # gptlab's GPT (test doubles take only idx)
-    cache = model.new_kv_cache() if use_cache and is_gpt else None
+    # A cache only as long as this generation can use: block_size may be thousands of tokens,
+    # and allocating (and zeroing) all of it would cost more than a short prefill.
+    cache = model.new_kv_cache(min(block_size, idx.size(1) + max_new_tokens)) if use_cache and is_gpt else None
     head = {"last_only": True} if is_gpt else {}  # only the last position's logits are sampled
+    real = None if attention_mask is None else attention_mask.bool()  # (B, T), grows with idx
     for _ in range(max_new_tokens):
-        if cache is not None and idx.size(1) <= block_size:
+        if cache is not None and idx.size(1) <= cache.max_len:
             # The tokens not yet in the cache: the whole prompt first, then the last token.
-            logits, _ = model(idx[:, cache.length :], kv_cache=cache, **head)  # (B, 1, V)
+            padding = {} if real is None else {"attention_mask": real}
+            logits, _ = model(idx[:, cache.length :], kv_cache=cache, **head, **padding)  # (B, 1, V)
         else:
-            logits, _ = model(idx[:, -block_size:], **head)  # (B, 1 or T, V)
+            padding = {} if real is None else {"attention_mask": real[:, -block_size:]}
+            logits, _ = model(idx[:, -block_size:], **head, **padding)  # (B, 1 or T, V)
         last = logits[:, -1, :]  # (B, V)
         if repetition_penalty is not None and repetition_penalty != 1.0:
-            last = apply_repetition_penalty(last.float(), idx, repetition_penalty)
+            # Padding ids are not part of the text: stand the last token (always real) in for them.
+            seen = idx if real is None else torch.where(real, idx, idx[:, -1:])
+            last = apply_repetition_penalty(last.float(), seen, repetition_penalty)
         next_ids = sample_next(
             last,
             temperature=temperature,
@@ -198,4 +210,6 @@ def generate(
             generator=generator,
         )
         idx = torch.cat([idx, next_ids[:, None]], dim=1)  # (B, T + 1)
+        if real is not None:
+            real = F.pad(real, (0, 1), value=True)  # (B, T + 1)
         yield next_ids

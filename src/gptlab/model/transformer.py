@@ -30,7 +30,8 @@ from torch import nn
 from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
 from gptlab.model.kv_cache import KVCache
-from gptlab.model.layers import MLP, CausalSelfAttention, attention_mask, make_norm, rope_tables
+from gptlab.model.layers import MLP, CausalSelfAttention, make_norm, rope_tables
+from gptlab.model.layers import attention_mask as build_attention_mask
 
 
 class Block(nn.Module):
@@ -147,6 +148,7 @@ class GPT(nn.Module):
         ignore_index: int = -100,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for token ids ``idx`` (B, T); with ``targets`` (B, T), also the loss.
 
@@ -159,6 +161,11 @@ class GPT(nn.Module):
         With ``kv_cache``, ``idx`` holds only the tokens after those already cached: they sit
         at positions kv_cache.length onwards, attend to the cached tokens and themselves, and
         are added to the cache.
+
+        ``attention_mask`` (B, cached + T), 1 or True for real tokens and 0 for padding, lets
+        prompts of different lengths share a batch, left-padded so that every sequence's next
+        token is in the last column. Padding is never attended to, and positions count only
+        real tokens, so each sequence gets the logits it would get alone.
         """
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.length
@@ -170,18 +177,30 @@ class GPT(nn.Module):
                 f"{self.config.block_size}); keep only the last {limit - start} tokens"
             )
         x = self.embed_tokens(idx)  # (B, T, C)
+        if attention_mask is None:
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,), shared by the batch
+        else:
+            if attention_mask.shape != (B, start + T):
+                raise ValueError(f"attention_mask must be (B, cached + T) = {(B, start + T)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            attention_mask = attention_mask.bool()
+            # A token's position is the number of real tokens before it; padding gets 0.
+            pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
         rope = None
         if self.embed_positions is not None:
-            # Token identity plus position, (B, T, C) + (T, C) broadcast over the batch.
-            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
-        else:
+            # Token identity plus position, (B, T, C) + (T or B, T, C).
+            x = x + self.embed_positions(pos)
+        elif attention_mask is None:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, D)
+        else:
+            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, D)
         x = self.embed_dropout(x)
-        # None lets SDPA use its fast causal kernel; new tokens after cached ones, or a window,
-        # need an explicit (T, start + T) mask.
+        # None lets SDPA use its fast causal kernel (T tokens among themselves), or no mask at
+        # all for one new token after cached ones; padding, a window, or several new tokens
+        # after cached ones need an explicit (T, S) or (B, 1, T, S) mask.
         mask = None
-        if kv_cache is not None or self.config.sliding_window is not None:
-            mask = attention_mask(T, start + T, self.config.sliding_window, idx.device)
+        if attention_mask is not None or self.config.sliding_window is not None or (start and T > 1):
+            mask = build_attention_mask(T, start + T, self.config.sliding_window, idx.device, attention_mask)
         for layer in self.layers:
             x = layer(x, rope, mask, kv_cache)
         if kv_cache is not None:

@@ -9,10 +9,10 @@ semaphore lets ``max_concurrency`` generations run at once; up to ``max_queue`` 
 turn and any beyond that get 503 at once, so a burst cannot pile up unbounded work. A client that
 disconnects stops its generation: the worker checks a flag between pieces.
 
-Token counts: ``prompt_tokens`` counts the prompt's ids exactly; ``completion_tokens`` re-encodes
-the returned text, because the engine yields text, not ids. That is exact for character
-tokenizers and may differ by a few tokens for BPE (which can generate a non-canonical split);
-likewise ``finish_reason`` is ``"length"`` when that count reaches ``max_tokens``.
+Token counts are exact: ``prompt_tokens`` counts the prompt's ids, and ``completion_tokens`` the
+ids the model generated, which ``Engine.stream`` returns in its ``Completion`` when it ends (EOS and
+the tokens of a stop string included: they were generated, though not shown). ``finish_reason``
+is the engine's too: ``"stop"`` for EOS or a stop string, ``"length"`` when ``max_tokens`` ran out.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from gptlab.errors import UserError
-from gptlab.inference.engine import Engine, SamplingParams
+from gptlab.inference.engine import Completion, Engine, SamplingParams
 
 STATIC = Path(__file__).parent / "static"
 #: the page loads only its own script, style and API; nothing inline, no framing
@@ -89,6 +89,7 @@ class Generation:
         self.stop = threading.Event()
         self.started = self.closed = False
         self.text = ""
+        self.completion: Completion | None = None  # set by the worker when the engine finishes
 
     async def pieces(self) -> AsyncIterator[str]:
         await self.gate.slots.acquire()
@@ -104,10 +105,15 @@ class Generation:
 
     def _work(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[object]) -> None:
         try:
-            for piece in self.engine.stream(self.prompt_ids, self.params):
-                if self.stop.is_set():
+            pieces = self.engine.stream(self.prompt_ids, self.params)
+            while not self.stop.is_set():
+                try:
+                    piece = next(pieces)
+                except StopIteration as done:  # the generator's return value: the Completion
+                    self.completion = done.value
                     break
                 loop.call_soon_threadsafe(queue.put_nowait, piece)
+            pieces.close()
         except Exception as e:  # handed to the request, which answers with it
             loop.call_soon_threadsafe(queue.put_nowait, e)
         finally:
@@ -125,12 +131,12 @@ class Generation:
         self.closed = True
 
     def usage(self) -> dict[str, int]:
-        completion = len(self.engine.tokenizer.encode(self.text))
+        completion = len(self.completion.token_ids)
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
                 "total_tokens": len(self.prompt_ids) + completion}
 
     def finish_reason(self) -> str:
-        return "length" if self.usage()["completion_tokens"] >= self.params.max_new_tokens else "stop"
+        return self.completion.finish_reason
 
 
 class GenerationStream(StreamingResponse):

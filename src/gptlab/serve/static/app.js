@@ -23,11 +23,31 @@ function headers() {
   return h;
 }
 
+// The server's one-line reason from an OpenAI error body, or the HTTP status when there is none
+// (a proxy's HTML page, a crash).
+async function failure(response) {
+  try {
+    return new Error((await response.json()).error.message);
+  } catch {
+    return new Error(`HTTP ${response.status} ${response.statusText}`);
+  }
+}
+
 async function loadModel() {
   const r = await fetch("/v1/models", { headers: headers() });
-  if (!r.ok) throw new Error((await r.json()).error.message);
+  if (!r.ok) throw await failure(r);
   modelName = (await r.json()).data[0].id;
   $("model").textContent = modelName;
+}
+
+// The sampling settings that are filled in; an empty box leaves the server's default.
+function settings() {
+  const chosen = {};
+  for (const name of ["temperature", "top_p", "max_tokens"]) {
+    const box = $(name);
+    if (box.value.trim() !== "") chosen[name] = Number(box.value);
+  }
+  return chosen;
 }
 
 function busy(on) {
@@ -35,13 +55,14 @@ function busy(on) {
   $("stop").disabled = !on;
 }
 
-// Reads server-sent events ("data: {...}\n\n") from the response body as they arrive.
+// Reads server-sent events ("data: {...}\n\n") from the response body as they arrive, up to
+// the server's "[DONE]"; a body that ends before it was cut off (the server stopped or crashed).
 async function* events(response) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
+    if (done) throw new Error("the answer was cut off: the server closed the stream before it ended");
     buffer += value;
     let end;
     while ((end = buffer.indexOf("\n\n")) !== -1) {
@@ -58,7 +79,7 @@ async function* events(response) {
 async function send(text) {
   const convo = messages;  // "New chat" during an answer starts a fresh list; this one ends here
   convo.push({ role: "user", content: text });
-  addTurn("user", text);
+  const question = addTurn("user", text);
   const out = addTurn("assistant", "");
   controller = new AbortController();
   busy(true);
@@ -68,13 +89,10 @@ async function send(text) {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
       body: JSON.stringify({
-        model: modelName, messages: convo, stream: true,
-        temperature: Number($("temperature").value),
-        top_p: Number($("top_p").value),
-        max_tokens: Number($("max_tokens").value),
+        model: modelName, messages: convo, stream: true, ...settings(),
       }),
     });
-    if (!response.ok) throw new Error((await response.json()).error.message);
+    if (!response.ok) throw await failure(response);
     for await (const chunk of events(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
       const piece = chunk.choices[0]?.delta?.content;
@@ -85,17 +103,22 @@ async function send(text) {
       }
     }
   } catch (e) {
-    if (e.name !== "AbortError") {
-      const err = addTurn("error", "error: " + e.message);
-      err.classList.add("error");
+    if (e.name === "AbortError") {
+      out.classList.add("stopped");
+    } else if (convo === messages) {
+      addTurn("error", "error: " + e.message);
     }
   } finally {
     // A stopped answer stays in the conversation, as far as it got.
     if (answer) {
       convo.push({ role: "assistant", content: answer });
     } else {
-      convo.pop();  // no answer: leave the unanswered question out of what the model sees
+      // No answer: the question leaves the conversation and goes back to the input box, to
+      // send again or edit (unless "New chat" has already cleared it all away).
+      convo.pop();
       out.remove();
+      question.remove();
+      if (convo === messages && !$("input").value) $("input").value = text;
     }
     controller = null;
     busy(false);
@@ -112,7 +135,7 @@ document.addEventListener("DOMContentLoaded", () => {
     send(text);
   });
   $("input").addEventListener("keydown", (ev) => {
-    if (ev.key === "Enter" && !ev.shiftKey) {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {  // not while an IME composes
       ev.preventDefault();
       $("form").requestSubmit();
     }

@@ -1,0 +1,126 @@
+"""Batched generation (left padding + attention mask) and the engine's exact completions."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gptlab.inference import generate
+from gptlab.inference.engine import Completion, Engine, SamplingParams
+from gptlab.model import GPT, ModelConfig
+from gptlab.tokenizers import CharTokenizer
+
+CHARS = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz .,\n", special_tokens=["<|endoftext|>"])
+SHAPE = {"block_size": 32, "n_layer": 2, "n_embd": 64, "n_head": 4}
+VARIANTS = {
+    "gpt2": ("gpt2", {}),  # learned positions, LayerNorm, GELU
+    "llama": ("llama", {"n_kv_head": 2}),  # RoPE, RMSNorm, SwiGLU, grouped-query attention
+    "mistral": ("mistral", {"n_kv_head": 1, "sliding_window": 8}),
+}
+PROMPTS = [[3, 1, 4], [1, 5, 9, 2, 6, 5, 3, 5, 8], [9], [7, 9, 3, 2, 3, 8]]
+
+
+def model_of(variant: str, **overrides) -> GPT:
+    family, options = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.for_family(family, vocab_size=CHARS.vocab_size, **SHAPE, **options, **overrides))
+    # Larger random weights than init, so every output depends on positions and on which keys
+    # are seen: a padding key attended to, or a position off by one, changes the tokens.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def engine_of(variant: str) -> Engine:
+    model = model_of(variant)
+    return Engine(SimpleNamespace(model=model, tokenizer=CHARS, config=model.config, path=".", tokenizer_config=None))
+
+
+def run_stream(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[str], Completion]:
+    pieces, stream = [], engine.stream(prompt, params)
+    while True:
+        try:
+            pieces.append(next(stream))
+        except StopIteration as done:
+            return pieces, done.value
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    return idx, torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "reference"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padded_batch_logits_equal_each_prompt_alone(variant, attn_impl):
+    model = model_of(variant, attn_impl=attn_impl)
+    idx, mask = left_pad(PROMPTS)
+    cache = model.new_kv_cache()
+    padded, _ = model(idx, attention_mask=mask, kv_cache=cache)  # (B, T, V)
+    step, _ = model(torch.tensor([[1]] * len(PROMPTS)), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                    kv_cache=cache)  # one decode step with the padded cache
+    for i, p in enumerate(PROMPTS):
+        alone, _ = model(torch.tensor([p + [1]]))
+        torch.testing.assert_close(padded[i, -len(p):], alone[0, :-1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step[i, 0], alone[0, -1], rtol=1e-4, atol=1e-4)
+    assert not padded.isnan().any()  # padding queries see themselves, so no 0/0 rows
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padded_generation_cached_uncached_and_alone_agree(variant):
+    model = model_of(variant)
+    idx, mask = left_pad(PROMPTS)
+
+    def greedy(ids: torch.Tensor, mask: torch.Tensor | None, use_cache: bool) -> list[list[int]]:
+        steps = generate(model, ids, 24, temperature=0, use_cache=use_cache, attention_mask=mask)
+        return torch.stack(list(steps), dim=1).tolist()
+
+    # 9 + 24 tokens pass block_size 32: the last steps rerun a cropped, still padded window.
+    cached = greedy(idx, mask, use_cache=True)
+    assert cached == greedy(idx, mask, use_cache=False)
+    assert cached == [greedy(torch.tensor([p]), None, use_cache=True)[0] for p in PROMPTS]
+    assert len({tuple(row) for row in cached}) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_generate_batch_equals_each_prompt_alone_and_stops_each_on_its_own(variant):
+    engine = engine_of(variant)
+    free = SamplingParams(temperature=0.0, max_new_tokens=12, repetition_penalty=1.3)
+    outputs = [run_stream(engine, p, free)[1] for p in PROMPTS]
+    assert engine.generate_batch(PROMPTS, free) == outputs
+    assert {c.finish_reason for c in outputs} == {"length"}
+    # An EOS taken from prompt 1's output and a stop string from prompt 0's, neither found
+    # in prompt 3's: prompts 0 and 1 end early, 3 runs to max_new_tokens, and batched still
+    # equals alone.
+    last = outputs[3]
+    n_eos = next(n for n in range(2, 12) if outputs[1].token_ids[n] not in last.token_ids)
+    engine.eos_ids = {outputs[1].token_ids[n_eos]}
+    stop = next(stop for n in range(2, 9) if (stop := outputs[0].text[n : n + 3]) not in last.text)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, repetition_penalty=1.3, stop=(stop,))
+    alone = [run_stream(engine, p, params)[1] for p in PROMPTS]
+    assert engine.generate_batch(PROMPTS, params) == alone
+    assert alone[1].finish_reason == "stop" and len(alone[1].token_ids) <= n_eos + 1
+    assert alone[0].finish_reason == "stop" and stop not in alone[0].text and len(alone[0].token_ids) < 12
+    assert outputs[0].text.startswith(alone[0].text)
+    assert alone[3] == last
+
+
+def test_stream_returns_exact_completion():
+    engine = engine_of("llama")
+    pieces, done = run_stream(engine, [1, 2, 3], SamplingParams(temperature=0.0, max_new_tokens=10))
+    assert done.finish_reason == "length" and len(done.token_ids) == 10
+    assert "".join(pieces) == done.text == CHARS.decode(done.token_ids)
+    # A stop string's tokens were generated, so they count, but they are never shown.
+    stop = done.text[4:6]
+    pieces, stopped = run_stream(engine, [1, 2, 3], SamplingParams(temperature=0.0, max_new_tokens=10, stop=(stop,)))
+    assert stopped.finish_reason == "stop" and "".join(pieces) == stopped.text == done.text[: done.text.index(stop)]
+    assert stopped.token_ids == done.token_ids[: done.text.index(stop) + len(stop)]
+    # EOS ends the answer with "stop"; it is counted and not shown.
+    engine.eos_ids = {done.token_ids[3]}
+    _, eos = run_stream(engine, [1, 2, 3], SamplingParams(temperature=0.0, max_new_tokens=10))
+    assert eos.finish_reason == "stop" and eos.token_ids == done.token_ids[: done.token_ids.index(done.token_ids[3]) + 1]
+    assert eos.text == CHARS.decode(eos.token_ids[:-1])
