@@ -12,7 +12,7 @@ from gptlab.cli import main
 from gptlab.config import finetune_config
 from gptlab.errors import UserError
 from gptlab.finetune import sft
-from gptlab.inference.engine import BUILTIN_TEMPLATE, Engine, SamplingParams
+from gptlab.inference.engine import BUILTIN_TEMPLATE, Engine, SamplingParams, chat_format
 from gptlab.model.config import ModelConfig
 from gptlab.model.lora import LoRAConfig
 from gptlab.model.transformer import GPT
@@ -267,7 +267,7 @@ def test_adapter_refuses_a_changed_base(base_model, qa_file, tmp_path, capsys):
 def test_lora_on_smollm2_learns_a_persona_answer(tmp_path):
     """The imported chat model, its own ChatML template and special tokens, LoRA and the engine."""
     smol = ckpt.load_checkpoint("smollm2-135m-instruct")
-    template, variables = sft.chat_format(smol)
+    template, variables = chat_format(smol)
     convo = [{"role": "user", "content": "What is your name?"}, {"role": "assistant", "content": "I am Quill."}]
     ex = sft.render_example(convo, smol.tokenizer, template, variables)
     assert masked_text(smol.tokenizer, ex, 1) == ["I am Quill.<|im_end|>\n"]

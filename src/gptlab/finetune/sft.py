@@ -268,19 +268,11 @@ class SFTOptions:
     """A gptlab.model.lora.LoRAConfig to train adapters only, or None to train every weight."""
 
 
-def chat_format(checkpoint) -> tuple[str, dict[str, Any]]:
-    """The chat template a loaded checkpoint is talked to with (its own, or gptlab's built-in
-    one for from-scratch models) and the variables it needs."""
-    from gptlab.inference.engine import BUILTIN_TEMPLATE
-    from gptlab.tokenizers.chat_template import checkpoint_chat_config
-
-    chat = checkpoint_chat_config(checkpoint)
-    return chat.get("chat_template") or BUILTIN_TEMPLATE, {k: chat.get(k) or "" for k in ("bos_token", "eos_token")}
-
-
 @torch.no_grad()
 def answer_loss(checkpoint, conversations: list[list[dict[str, str]]], batch_size: int = 8) -> float:
     """Mean loss per answer token of a loaded checkpoint on ``conversations`` (what SFT lowers)."""
+    from gptlab.inference.engine import chat_format
+
     template, variables = chat_format(checkpoint)
     model = checkpoint.model.eval()
     examples = render_all(conversations, checkpoint.tokenizer, template, variables,
@@ -300,7 +292,7 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
     """Fine-tune ``model`` (any MODEL argument) on the conversations in ``data`` with the one
     training loop; the result in ``out`` is a checkpoint (or, with LoRA, an adapter) that
     ``chat``, ``serve``, ``sample`` and ``export`` accept. Returns the loop's ``RunResult``."""
-    from gptlab.inference.engine import Engine, SamplingParams
+    from gptlab.inference.engine import Engine, SamplingParams, chat_format
     from gptlab.model import lora as lora_lib
     from gptlab.tokenizers.chat_template import checkpoint_chat_config
     from gptlab.train import checkpoint as ckpt

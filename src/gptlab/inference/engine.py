@@ -18,13 +18,12 @@ from __future__ import annotations
 import codecs
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from gptlab.errors import UserError
 from gptlab.inference.sampling import check_sampling_args, generate
-from gptlab.tokenizers.chat_template import chat_config, render_chat
+from gptlab.tokenizers.chat_template import checkpoint_chat_config, render_chat
 
 #: for models without a template of their own (gptlab's from-scratch checkpoints): plain text
 #: turns, so a model trained on dialogue-shaped text can follow it
@@ -35,6 +34,14 @@ BUILTIN_TEMPLATE = (
 BUILTIN_STOPS = ("\nUser:", "\nSystem:")
 #: special tokens that end a turn in common chat formats, used when present in the vocabulary
 TURN_END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>")
+
+
+def chat_format(checkpoint) -> tuple[str, dict[str, str]]:
+    """The chat template a loaded checkpoint is talked to with (its own, or the built-in one for
+    from-scratch models) and the variables the template uses. Chat and fine-tuning both use it,
+    so a model is fine-tuned on exactly the text it is later prompted with."""
+    config = checkpoint_chat_config(checkpoint)
+    return config.get("chat_template") or BUILTIN_TEMPLATE, {k: config.get(k) or "" for k in ("bos_token", "eos_token")}
 
 
 @dataclass
@@ -81,11 +88,9 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.device = torch.device(device)
         self.block_size = checkpoint.config.block_size
-        config = chat_config(getattr(checkpoint, "tokenizer_config", None) or Path(checkpoint.path))
-        self.template = config.get("chat_template") or BUILTIN_TEMPLATE
-        self.template_vars = {k: config.get(k) or "" for k in ("bos_token", "eos_token")}
+        self.template, self.template_vars = chat_format(checkpoint)
         specials = self.tokenizer.special_tokens
-        eos_names = {config.get("eos_token"), *TURN_END_TOKENS}
+        eos_names = {self.template_vars["eos_token"], *TURN_END_TOKENS}
         self.eos_ids = {specials[n] for n in eos_names if n in specials}
         self.default_stops = BUILTIN_STOPS if self.template is BUILTIN_TEMPLATE else ()
 
