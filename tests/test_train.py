@@ -60,14 +60,16 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
 # --- resume ----------------------------------------------------------------------------------
 
-def test_resume_is_exact(corpus, tmp_path):
-    model_cfg, cfg = tiny(corpus, max_steps=16)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(corpus, tmp_path, optimizer):
+    model_cfg, cfg = tiny(corpus, max_steps=16, optimizer=optimizer)
     loop.train(model_cfg, cfg, tmp_path / "straight", show_progress=False)
 
-    model_cfg, cfg = tiny(corpus, max_steps=16, max_tokens=8 * cfg.batch_size * model_cfg.block_size)
+    model_cfg, cfg = tiny(corpus, max_steps=16, max_tokens=8 * cfg.batch_size * model_cfg.block_size,
+                          optimizer=optimizer)
     first = loop.train(model_cfg, cfg, tmp_path / "split", show_progress=False)
     assert first.step == 8 and first.stopped == "max_tokens"
-    model_cfg, cfg = tiny(corpus, max_steps=16)
+    model_cfg, cfg = tiny(corpus, max_steps=16, optimizer=optimizer)
     second = loop.train(model_cfg, cfg, tmp_path / "split", resume=True, show_progress=False)
     assert second.step == 16
 

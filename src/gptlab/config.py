@@ -25,6 +25,7 @@ from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -62,6 +63,12 @@ class TrainConfig:
     """Also apply weight decay to the embedding tables."""
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"
+    """adamw, or muon: Muon for the matrices inside the blocks and AdamW for the rest."""
+    muon_lr: float = 0.02
+    """Peak learning rate of the Muon matrices (--lr stays AdamW's); the same schedule scales both."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 turns clipping off)."""
 
@@ -128,6 +135,12 @@ class TrainConfig:
                 out.append(f"{flag(name)} must be in [0, 1), got {v!r}")
         if isinstance(self.warmup_steps, int) and isinstance(self.max_steps, int) and self.warmup_steps > self.max_steps:
             out.append(f"--warmup-steps ({self.warmup_steps}) cannot exceed --max-steps ({self.max_steps})")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (isinstance(self.muon_lr, (int, float)) and math.isfinite(self.muon_lr) and self.muon_lr > 0):
+            out.append(f"--muon-lr must be a positive number, got {self.muon_lr!r}")
+        if not (isinstance(self.muon_momentum, (int, float)) and 0 <= self.muon_momentum < 1):
+            out.append(f"--muon-momentum must be in [0, 1), got {self.muon_momentum!r}")
         if self.device not in DEVICES:
             out.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:

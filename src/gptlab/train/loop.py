@@ -45,7 +45,7 @@ from gptlab.tokenizers import Tokenizer
 from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed
 from gptlab.train.metrics import MetricsLogger, plot_loss
-from gptlab.train.optim import build_optimizer, lr_at
+from gptlab.train.optim import build_optimizer, lr_at, set_lr
 from gptlab.train.system import autocast, dtype_name, pick_device, pick_dtype
 
 #: one micro-batch: tensors on the CPU, moved to the device by the loop
@@ -371,8 +371,7 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
                     stopped = reason
                     break
                 lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 try:
                     for micro in range(cfg.grad_accum):
                         batch = batches.next()

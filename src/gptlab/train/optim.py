@@ -1,9 +1,17 @@
-"""The optimizer and the learning-rate schedule.
+"""The optimizers and the learning-rate schedule.
 
 AdamW with decoupled weight decay on weight matrices only: decaying biases and norm gains
 towards zero only fights the normalisation, and decaying embeddings shrinks rare tokens'
 vectors. The schedule is linear warmup (Adam's second-moment estimates are noisy in the first
 steps, so big steps then are risky) followed by cosine decay to a floor.
+
+Muon (``--optimizer muon``, from the modded-nanoGPT speedruns, Jordan et al. 2024) trains the
+hidden weight matrices differently: it takes the momentum of the gradient and replaces it by
+the nearest semi-orthogonal matrix (all singular values 1), computed by a few Newton-Schulz
+iterations. Every direction of the update then moves by the same amount, instead of the few
+dominant directions a raw gradient favours. Embeddings, the output head, biases and norm gains
+are not hidden matrices and keep AdamW; both kinds live in one optimizer, so the loop, the
+schedule and checkpoints treat it like any other.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import math
 import torch
 
 from gptlab.config import TrainConfig
+from gptlab.errors import UserError
 from gptlab.model.transformer import GPT
 
 
@@ -26,8 +35,105 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Apply the scheduled rate; a group with ``lr_ratio`` (Muon's) runs at that multiple of it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
+
+
+@torch.no_grad()
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The semi-orthogonal matrix nearest to ``g`` (its U V^T), approximately, by Newton-Schulz.
+
+    Each iteration maps every singular value s of X to a s + b s^3 + c s^5; with these
+    coefficients (tuned for speed, not exactness) values in (0, 1] are pushed to about 0.7-1.2
+    within 5 iterations, which is as good as exact for an update direction. Dividing by the
+    Frobenius norm first puts every singular value in (0, 1].
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    tall = x.size(0) > x.size(1)
+    if tall:  # work on the wide orientation: X X^T is then the smaller Gram matrix
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for groups marked ``muon=True``, AdamW for the others, in one optimizer.
+
+    A Muon step for a matrix W (out, in): m = momentum * m + g; the update is the Nesterov
+    direction g + momentum * m, orthogonalised and scaled by sqrt(max(1, out / in)) so that
+    its size per element does not depend on the shape; W -= lr * update (after decoupled weight
+    decay). AdamW groups follow torch.optim.AdamW exactly.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, momentum: float = 0.95):
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, weight_decay=0.0,
+                                      muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if wd:
+                    p.mul_(1 - lr * wd)
+                if group["muon"]:
+                    if "momentum" not in state:
+                        state["momentum"] = torch.zeros_like(p)
+                    m = state["momentum"]
+                    m.mul_(group["momentum"]).add_(p.grad)
+                    direction = p.grad.add(m, alpha=group["momentum"])  # Nesterov
+                    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    p.add_(orthogonalize(direction).to(p.dtype), alpha=-lr * scale)
+                else:
+                    if "step" not in state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                    beta1, beta2 = group["betas"]
+                    state["step"] += 1
+                    t = state["step"].item()
+                    state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                    denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+        return loss
+
+
+def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = model.configure_optimizer_groups(cfg.weight_decay, decay_embeddings=cfg.decay_embeddings)
+    if cfg.optimizer == "muon":
+        if cfg.fsdp:
+            raise UserError("--optimizer muon needs whole matrices, which --fsdp shards; use DDP (drop --fsdp) or "
+                            "--optimizer adamw")
+        return Muon(muon_groups(model, groups, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                    momentum=cfg.muon_momentum)
     # fused runs the whole update as one kernel on CUDA; foreach batches it on the CPU.
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)
+
+
+def muon_groups(model: GPT, groups: list[dict], cfg: TrainConfig) -> list[dict]:
+    """Split AdamW's groups: the matrices inside the blocks go to Muon (at ``muon_lr``, as a
+    ratio of the scheduled ``lr`` so the same warmup and decay apply), the rest stay AdamW."""
+    hidden = {id(p) for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2}
+    out = []
+    for g in groups:
+        muon = [p for p in g["params"] if id(p) in hidden]
+        rest = [p for p in g["params"] if id(p) not in hidden]
+        if muon:
+            out.append({"params": muon, "weight_decay": g["weight_decay"], "muon": True,
+                        "lr_ratio": cfg.muon_lr / cfg.lr})
+        if rest:
+            out.append({"params": rest, "weight_decay": g["weight_decay"], "muon": False})
+    return out

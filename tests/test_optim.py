@@ -1,0 +1,93 @@
+"""Muon: the orthogonalised update, its AdamW half, and training with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptlab.config import TrainConfig, resolve_config
+from gptlab.errors import UserError
+from gptlab.model.transformer import GPT
+from gptlab.train.optim import Muon, build_optimizer, orthogonalize, set_lr
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (48, 48)])
+def test_orthogonalize_gives_the_polar_direction(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    o = orthogonalize(g)
+    s = torch.linalg.svdvals(o)
+    assert o.shape == g.shape and s.min() > 0.5 and s.max() < 1.3  # every direction moves about equally
+    u, _, vt = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vt  # the exact nearest semi-orthogonal matrix
+    cos = (o * polar).sum() / (o.norm() * polar.norm())
+    assert cos > 0.95
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    # No biases: a key bias has a true gradient of 0 (softmax ignores a shift of all scores), so its
+    # float noise, scaled up by Adam, would differ between any two correct implementations.
+    model_cfg, _ = resolve_config("tiny", model_overrides={"vocab_size": 50, "bias": False})
+    torch.manual_seed(seed)
+    return GPT(model_cfg)
+
+
+def step_with(optimizer_name: str, model: GPT, steps: int = 3) -> None:
+    cfg = TrainConfig(optimizer=optimizer_name, lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        set_lr(opt, cfg.lr)
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def hidden(name: str, p: torch.Tensor) -> bool:
+    return name.startswith("layers.") and p.dim() == 2
+
+
+def test_muon_trains_block_matrices_and_adamw_the_rest_exactly():
+    # One step from the same start: the same gradients, so the AdamW half must match torch's AdamW.
+    adamw, muon = tiny_model(), tiny_model()
+    step_with("adamw", adamw, steps=1)
+    step_with("muon", muon, steps=1)
+    for (name, a), (_, m) in zip(adamw.named_parameters(), muon.named_parameters()):
+        if hidden(name, a):
+            assert not torch.allclose(a, m), name  # Muon's own update
+        else:
+            torch.testing.assert_close(a, m, rtol=1e-5, atol=1e-6, msg=name)
+    # Several steps with the block matrices frozen: the AdamW half alone, bias corrections included.
+    adamw, muon = tiny_model(), tiny_model()
+    for model in (adamw, muon):
+        for name, p in model.named_parameters():
+            p.requires_grad_(not hidden(name, p))
+    step_with("adamw", adamw, steps=4)
+    step_with("muon", muon, steps=4)
+    for (name, a), (_, m) in zip(adamw.named_parameters(), muon.named_parameters()):
+        torch.testing.assert_close(a, m, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_muon_lowers_the_loss_and_its_rate_follows_the_schedule():
+    model = tiny_model()
+    cfg = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.03)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    set_lr(opt, 1e-3)
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([1e-3, 1e-2])  # 0.03 / 3e-3 = 10x
+    x = torch.randint(0, 50, (8, 32), generator=torch.Generator().manual_seed(2))
+    first = None
+    for _ in range(30):
+        set_lr(opt, cfg.lr)
+        loss = model(x, x.roll(-1, 1))[1]
+        first = first or loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.5 * first
+
+
+def test_muon_settings_are_checked():
+    with pytest.raises(UserError, match="--optimizer must be one of adamw, muon"):
+        resolve_config("tiny", train_overrides={"optimizer": "sgd"})
+    with pytest.raises(UserError, match="needs whole matrices"):
+        build_optimizer(tiny_model(), TrainConfig(optimizer="muon", fsdp=True), torch.device("cpu"))
+    assert isinstance(build_optimizer(tiny_model(), TrainConfig(optimizer="muon"), torch.device("cpu")), Muon)
