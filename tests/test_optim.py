@@ -91,3 +91,62 @@ def test_muon_settings_are_checked():
     with pytest.raises(UserError, match="needs whole matrices"):
         build_optimizer(tiny_model(), TrainConfig(optimizer="muon", fsdp=True), torch.device("cpu"))
     assert isinstance(build_optimizer(tiny_model(), TrainConfig(optimizer="muon"), torch.device("cpu")), Muon)
+
+
+# --- the speedrun's model options -------------------------------------------------------------
+
+def speedrun_model(**options) -> GPT:
+    model_cfg, _ = resolve_config("tiny", model_overrides={"vocab_size": 50, "pos_embedding": "rope", "norm": "rmsnorm",
+                                                           "bias": False, "tie_embeddings": False, **options})
+    torch.manual_seed(0)
+    return GPT(model_cfg)
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    model = speedrun_model(zero_init_residual=True)
+    for layer in model.layers:
+        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+    x = torch.randint(0, 50, (2, 12))
+    # With every block adding zero, the logits depend on the current token only (a bigram model).
+    logits = model(x)[0]
+    direct = model.lm_head(model.norm(model.embed_tokens(x)))
+    torch.testing.assert_close(logits, direct)
+
+
+def test_relu2_mlp_and_qk_norm_compute_what_they_say():
+    from gptlab.model.layers import MLP
+
+    model = speedrun_model(mlp="relu2", qk_norm=True)
+    mlp = model.layers[0].mlp
+    x = torch.randn(2, 5, model.config.n_embd)
+    torch.testing.assert_close(mlp(x), mlp.down_proj(torch.relu(mlp.up_proj(x)) ** 2))
+    assert isinstance(mlp, MLP) and mlp.gate_proj is None
+    # qk_norm: scaling the query and key projections changes nothing (each head is normalised).
+    attn = model.layers[0].self_attn
+    h = torch.randn(2, 5, model.config.n_embd)
+    rope = (model.rope_cos[:5], model.rope_sin[:5])
+    before = attn(h, rope)
+    with torch.no_grad():
+        attn.q_proj.weight.mul_(7.0)
+        attn.k_proj.weight.mul_(0.2)
+    torch.testing.assert_close(attn(h, rope), before, rtol=1e-4, atol=1e-5)
+    # Cached and uncached generation agree with these options too.
+    from gptlab.inference.sampling import generate
+
+    model.eval()
+    prompt = torch.randint(0, 50, (1, 6))
+    cached = [int(t[0]) for t in generate(model, prompt, 10, temperature=0.0)]
+    uncached = [int(t[0]) for t in generate(model, prompt, 10, temperature=0.0, use_cache=False)]
+    assert cached == uncached
+
+
+def test_models_with_speedrun_options_are_not_exported_as_something_else(tmp_path):
+    from types import SimpleNamespace
+
+    from gptlab.tokenizers import CharTokenizer
+    from gptlab.weights.hf import export_hf
+
+    model = speedrun_model(mlp="relu2", qk_norm=True)
+    ckpt = SimpleNamespace(model=model, config=model.config, tokenizer=CharTokenizer.train("abc"), path=tmp_path)
+    with pytest.raises(UserError, match="mlp='relu2' .*qk_norm"):
+        export_hf(ckpt, tmp_path / "hf", family="llama")

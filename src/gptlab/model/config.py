@@ -23,7 +23,7 @@ ARCHS = ("gpt2", "llama", "qwen2", "mistral")
 ATTN_IMPLS = ("sdpa", "reference")
 POS_EMBEDDINGS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2")
 # RoPE scaling types and their keys (required, optional), as in Hugging Face configs.
 ROPE_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "linear": (("factor",), ()),
@@ -129,7 +129,8 @@ class ModelConfig:
     """Added to the variance inside every norm so that it never divides by zero."""
     mlp: str = "gelu"
     """Feed-forward network: "gelu" is down(gelu(up(x))) (GPT-2); "swiglu" is
-    down(silu(gate(x)) * up(x)) (Llama), a learned gate on each hidden unit."""
+    down(silu(gate(x)) * up(x)) (Llama), a learned gate on each hidden unit; "relu2" is
+    down(relu(up(x))^2) (Primer; the nanoGPT speedruns), cheap and sparse."""
     intermediate_size: int | None = None
     """Hidden width of the MLP. None: 4 * n_embd for gelu; for swiglu 8/3 * n_embd rounded up
     to a multiple of 64, so its three matrices hold about as much as gelu's two."""
@@ -140,6 +141,12 @@ class ModelConfig:
     qkv_bias: bool | None = None
     """Whether q_proj, k_proj and v_proj carry biases; None follows ``bias``. Qwen2 has them
     while o_proj and the MLP have none."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys before their dot product (no learned scale),
+    as the nanoGPT speedruns do: scores stay bounded, so higher learning rates stay stable."""
+    zero_init_residual: bool = False
+    """Start o_proj and down_proj at zero, so every block starts as the identity and the model
+    as a bigram model (the speedruns' choice), instead of GPT-2's small scaled normal."""
     sliding_window: int | None = None
     """If set, each token attends to at most this many most recent tokens (itself included),
     as Mistral does; None: to every earlier token."""

@@ -235,6 +235,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         self.attn_impl = config.attn_impl
+        self.qk_norm = config.qk_norm
         self.save_weights = False
         self.attn_weights: torch.Tensor | None = None
         C, KD = config.n_embd, config.kv_heads * config.head_dim
@@ -266,6 +267,9 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            # Unit-RMS queries and keys: each score is then sqrt(D) times a cosine, never huge.
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -311,7 +315,8 @@ class MLP(nn.Module):
     """Position-wise feed-forward network, applied to every token alone: C -> hidden -> C.
 
     "gelu" (GPT-2): down(gelu(up(x))). "swiglu" (Llama): down(silu(gate(x)) * up(x)), where
-    the gate decides, per token and hidden unit, how much of up(x) passes.
+    the gate decides, per token and hidden unit, how much of up(x) passes. "relu2":
+    down(relu(up(x))^2), the squared ReLU of Primer (So et al., 2021).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -321,9 +326,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(C, hidden, bias=config.bias)
         self.down_proj = nn.Linear(hidden, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.kind = config.mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is None:
+        if self.kind == "relu2":
+            h = F.relu(self.up_proj(x)).square()  # (B, T, hidden)
+        elif self.gate_proj is None:
             # GPT-2 was trained with the tanh approximation of GELU; imported weights expect it.
             h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, hidden)
         else:

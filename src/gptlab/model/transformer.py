@@ -101,7 +101,8 @@ class GPT(nn.Module):
           weights: normal(0, 0.02)
         - ``o_proj``, ``down_proj`` weights: normal(0, 0.02 / sqrt(2 * n_layer)). These write
           into the residual stream, which sums 2 * n_layer of them; scaling keeps the
-          stream's variance at the top about what it is at the bottom.
+          stream's variance at the top about what it is at the bottom. With
+          ``zero_init_residual``: 0, so each block starts as the identity.
         - every Linear bias: 0
         - every norm (``input_layernorm``, ``post_attention_layernorm``, ``norm``): weight 1
           and, for LayerNorm with bias, bias 0, so it starts as a plain standardisation
@@ -125,8 +126,10 @@ class GPT(nn.Module):
             residual = (attn.o_proj, mlp.down_proj)
             gate = (mlp.gate_proj,) if mlp.gate_proj is not None else ()
             for linear in (attn.q_proj, attn.k_proj, attn.v_proj, *gate, mlp.up_proj, *residual):
-                linear_std = resid_std if linear in residual else std
-                nn.init.normal_(linear.weight, mean=0.0, std=linear_std)
+                if linear in residual and self.config.zero_init_residual:
+                    nn.init.zeros_(linear.weight)
+                else:
+                    nn.init.normal_(linear.weight, mean=0.0, std=resid_std if linear in residual else std)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
             norms += [layer.input_layernorm, layer.post_attention_layernorm]

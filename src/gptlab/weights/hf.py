@@ -335,6 +335,16 @@ def export_hf(ckpt, out: str | Path, family: str = "gpt2") -> None:
 
     if family not in FAMILIES:
         raise UserError(f"cannot export as {family!r}; supported: {', '.join(FAMILIES)}")
+    cfg = ckpt.config
+    family_mlp = "gelu" if family == "gpt2" else "swiglu"
+    unsupported = []
+    if cfg.mlp != family_mlp:
+        unsupported.append(f"mlp={cfg.mlp!r} ({family} computes {family_mlp})")
+    if cfg.qk_norm:
+        unsupported.append("qk_norm")
+    if unsupported:
+        raise UserError(f"the model uses {', '.join(unsupported)}, which the {family} format of transformers does not "
+                        "compute, so an export would load as a different model; export models of a supported family")
     state = {k: v.detach() for k, v in ckpt.model.state_dict().items()}
     hf = ours_to_hf(state, family, ckpt.config)
     with atomic_dir(out) as tmp:
