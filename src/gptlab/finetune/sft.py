@@ -350,10 +350,15 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
 
     def sample(m) -> str:
         was_training = net.training
-        engine = Engine(base, device=net.embed_tokens.weight.device)
-        ids = engine.chat_prompt(probe, 64).ids
-        answer = "".join(engine.stream(ids, SamplingParams(temperature=0.0, max_new_tokens=64)))
-        net.train(was_training)
+        engine = Engine(base, device=net.embed_tokens.weight.device)  # puts the model in eval mode
+        room = min(64, net.config.block_size // 4)
+        try:
+            ids = engine.chat_prompt(probe, room).ids
+            answer = "".join(engine.stream(ids, SamplingParams(temperature=0.0, max_new_tokens=room)))
+        except UserError:  # a long held-out conversation in a small context: nothing to show
+            return ""
+        finally:
+            net.train(was_training)
         return f"{probe[-1]['content']}\n-> {answer}"
 
     pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0

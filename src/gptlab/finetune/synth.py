@@ -49,11 +49,11 @@ SYSTEM_PROMPTS = (
 )
 
 # --- difficulty: the ranges of the numbers asked about ------------------------------------------
-ADD_MAX = 50          # a + b with a, b in 0..ADD_MAX
-SUB_MAX = 50          # a - b with 0 <= b <= a <= SUB_MAX (never negative)
-MUL_MAX = 10          # a * b with a, b in 0..MUL_MAX
-COMPARE_MAX = 999     # two different numbers in 0..COMPARE_MAX
-UNIT_MAX = 12         # conversions of 1..UNIT_MAX of the larger unit
+ADD_MAX = 30          # a + b with a, b in 0..ADD_MAX
+SUB_MAX = 30          # a - b with 0 <= b <= a <= SUB_MAX (never negative)
+MUL_MAX = 9           # a * b with a, b in 0..MUL_MAX
+COMPARE_MAX = 99      # two different numbers in 0..COMPARE_MAX
+UNIT_MAX = 10         # conversions of 1..UNIT_MAX of the larger unit
 
 # --- the tables the closed kinds draw on ------------------------------------------------------
 WORDS = (
@@ -174,6 +174,8 @@ def compare(rng: random.Random) -> QA:
     a, b = rng.sample(range(COMPARE_MAX + 1), 2)
     lo, hi = min(a, b), max(a, b)
     form = rng.choice(("bigger", "smaller", "yes/no"))
+    # "Which is bigger, a or b?" has the same answer as "..., b or a?": one problem, one key.
+    key = f"{form} {a} {b}" if form == "yes/no" else f"{form} {lo} {hi}"
     if form == "bigger":
         question = rng.choice(("Which is bigger, {a} or {b}?", "Which number is larger: {a} or {b}?",
                                "What is the bigger number, {a} or {b}?"))
@@ -185,7 +187,7 @@ def compare(rng: random.Random) -> QA:
     else:
         question = rng.choice(("Is {a} bigger than {b}?", "Is {a} greater than {b}?", "Is {a} more than {b}?"))
         answer = f"Yes, {a} is bigger than {b}." if a > b else f"No, {a} is smaller than {b}."
-    return QA("compare", question.format(a=a, b=b), answer, f"{form} {a} {b}")
+    return QA("compare", question.format(a=a, b=b), answer, key)
 
 
 #: (larger unit, its plural, smaller unit, its plural, how many smaller units make one larger)
