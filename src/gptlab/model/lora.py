@@ -308,11 +308,15 @@ def load_adapter(path: str | Path) -> Adapter:
         meta = json.loads(config_file.read_text())
         fingerprint = meta.pop("base_fingerprint")
         base_model = meta.pop("base_model")
-        if not isinstance(base_model, str) or set(fingerprint) != {*FINGERPRINT_FIELDS, "weights_sha256"}:
+        if (not isinstance(base_model, str) or not isinstance(fingerprint, dict)
+                or set(fingerprint) != {*FINGERPRINT_FIELDS, "weights_sha256"}
+                or not isinstance(fingerprint["weights_sha256"], str)):
             raise ValueError("base_model or base_fingerprint is malformed")
+        config = LoRAConfig.from_dict(meta)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{config_file} is corrupt ({type(e).__name__}: {e}); save the adapter again") from None
-    config = LoRAConfig.from_dict(meta)
+    except UserError as e:  # LoRAConfig's own complaint, said of this file
+        raise UserError(f"{config_file}: {e}") from None
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError) as e:

@@ -116,7 +116,7 @@ def register(cls: type[Tokenizer]) -> type[Tokenizer]:
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     kind = d.get("type")
-    if kind not in TOKENIZER_TYPES:
+    if not isinstance(kind, str) or kind not in TOKENIZER_TYPES:
         raise UserError(f"unknown tokenizer type {kind!r}; known types: {', '.join(sorted(TOKENIZER_TYPES))}")
     return TOKENIZER_TYPES[kind].from_dict(d)
 
@@ -134,4 +134,7 @@ def load_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
         raise UserError(f"tokenizer file {path} does not hold a JSON object")
     if "type" not in d and isinstance(d.get("model"), dict):
         d = {"type": "hf", "tokenizer": d}  # a Hugging Face tokenizer.json, used as it is
-    return tokenizer_from_dict(d)
+    try:
+        return tokenizer_from_dict(d)
+    except UserError as e:  # the description's own complaint, said of this file
+        raise UserError(f"tokenizer file {path}: {e}") from None

@@ -45,6 +45,9 @@ GPT4_PATTERN = (
 #: the named patterns `gptlab tokenizer train --pattern` accepts
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
+#: the most ids a vocabulary may have (the largest in use have about 2^18)
+MAX_VOCAB = 1 << 22
+
 #: U+FFFD's UTF-8 bytes: what an id that is no token decodes to
 REPLACEMENT = "\ufffd".encode("utf-8")
 
@@ -200,6 +203,8 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"special token ids must be distinct and at least {n} (after the ordinary tokens); "
                              f"bad: {clash or self.special_tokens}")
         self._vocab_size = max([n - 1, *self.special_tokens.values()]) + 1
+        if self._vocab_size > MAX_VOCAB:  # the decoding table below has one entry per id
+            raise ValueError(f"special token ids reach {self._vocab_size - 1}; ids must stay below {MAX_VOCAB}")
         # id -> bytes for decoding; ids between specials that name no token decode to U+FFFD.
         self._id_to_bytes = [REPLACEMENT] * self._vocab_size
         for token, i in self.ranks.items():

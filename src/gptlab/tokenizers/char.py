@@ -85,5 +85,8 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CharTokenizer":
-        specials = [s for s in d.get("special_tokens", []) if s != UNK]
-        return cls(d["chars"], specials, bool(d.get("unk", False)))
+        chars, specials = d.get("chars"), d.get("special_tokens", [])
+        if not (isinstance(chars, str) and isinstance(specials, list) and all(isinstance(s, str) for s in specials)):
+            raise UserError("the character tokenizer description is invalid (it needs \"chars\": a string and "
+                            "\"special_tokens\": a list of strings); was it saved by gptlab?")
+        return cls(chars, [s for s in specials if s != UNK], bool(d.get("unk", False)))

@@ -28,7 +28,7 @@ from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import Tokenizer, load_tokenizer_file
-from gptlab.weights import check_state_dict
+from gptlab.weights import build_checked, check_state_dict
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
@@ -96,17 +96,27 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_model_config(ckpt_dir: Path) -> ModelConfig:
-    return ModelConfig.from_dict(_read_json(ckpt_dir / MODEL_CONFIG))
+    d = _read_json(ckpt_dir / MODEL_CONFIG)
+    if not isinstance(d, dict):
+        raise UserError(f"{ckpt_dir / MODEL_CONFIG} holds {type(d).__name__}, not a JSON object of model settings; "
+                        "the checkpoint is corrupt")
+    return ModelConfig.from_dict(d)
 
 
-def load_weights(model: GPT, ckpt_dir: Path) -> None:
-    """Copy weights from ``ckpt_dir`` into ``model``, checking every name and shape first."""
+def _read_weights(ckpt_dir: Path, tied: bool) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors`` (the tied head filled in); at most the file's size."""
     try:
         state = load_file(str(ckpt_dir / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{ckpt_dir / WEIGHTS} cannot be read ({e}); the checkpoint is corrupt") from None
-    if model.config.tie_embeddings and "embed_tokens.weight" in state:
+    if tied and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+def load_weights(model: GPT, ckpt_dir: Path) -> None:
+    """Copy weights from ``ckpt_dir`` into ``model``, checking every name and shape first."""
+    state = _read_weights(ckpt_dir, model.config.tie_embeddings)
     check_state_dict(state, model.state_dict(), f"{ckpt_dir / WEIGHTS} (with its config.json)")
     model.load_state_dict(state)
 
@@ -146,8 +156,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer
         return loaded
     ckpt_dir = resolve_checkpoint(path, prefer)
     config = load_model_config(ckpt_dir)
-    model = GPT(config)
-    load_weights(model, ckpt_dir)
+    state = _read_weights(ckpt_dir, config.tie_embeddings)
+    # Checked before it is built: a config.json that declares a huge model allocates nothing.
+    model = build_checked(config, state, f"{ckpt_dir / WEIGHTS} (with its config.json)")
+    model.load_state_dict(state)
     tokenizer = load_tokenizer_file(ckpt_dir / TOKENIZER)
     return Checkpoint(ckpt_dir, model.to(device), config, tokenizer)
 

@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from gptlab.errors import UserError
+
+if TYPE_CHECKING:
+    from gptlab.model.config import ModelConfig
+    from gptlab.model.transformer import GPT
 
 
 def check_state_dict(state: Mapping[str, torch.Tensor | None], expected: Mapping[str, torch.Tensor | torch.Size],
@@ -24,3 +29,30 @@ def check_state_dict(state: Mapping[str, torch.Tensor | None], expected: Mapping
                ([f"has tensor(s) the model does not use: {', '.join(unexpected[:5])}"] if unexpected else []) + wrong[:3]
     if problems:
         raise UserError(f"{source} does not fit the model: {'; '.join(problems)}")
+
+
+#: non-learned buffers (RoPE tables, (block_size, head_dim) each) may take at most this many
+#: bytes, or as many as the weights when those are larger (a 1M-token context at head_dim 128
+#: needs 1 GiB, with a model of several GiB); a corrupt context length of 2^40 would need petabytes
+BUFFER_BYTES_FLOOR = 64 * 2**20
+
+
+def build_checked(config: "ModelConfig", state: Mapping[str, torch.Tensor | None], source: str) -> "GPT":
+    """``GPT(config)``, built only after its shapes were checked against ``state`` on the meta
+    device (no memory), so a config that declares a huge model is refused before allocation."""
+    from gptlab.model.transformer import GPT
+
+    # A block is a few Python modules even on the meta device: count layers before building any.
+    layers = {k.split(".")[1] for k in state if k.startswith("layers.")}
+    if config.n_layer != len(layers):
+        raise UserError(f"{source} does not fit the model: the config says n_layer={config.n_layer} but the weights "
+                        f"hold {len(layers)} layers")
+    with torch.device("meta"):
+        skeleton = GPT(config)
+    check_state_dict(state, skeleton.state_dict(), source)
+    weights = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in skeleton.buffers())
+    if buffers > max(weights, BUFFER_BYTES_FLOOR):
+        raise UserError(f"{source}: block_size={config.block_size} would need {buffers / 2**30:.1f} GiB of RoPE tables "
+                        "for a model this size; the context length is corrupt")
+    return GPT(config)

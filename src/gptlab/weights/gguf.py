@@ -17,6 +17,7 @@ write it slowest first, so every shape read from the file is reversed.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
 from gptlab.tokenizers.bpe import bytes_to_unicode, render_token
 from gptlab.tokenizers.hf import HFTokenizer
 from gptlab.train.checkpoint import CHAT_CONFIG, Checkpoint, save_checkpoint
-from gptlab.weights import check_state_dict
+from gptlab.weights import build_checked
 from gptlab.weights.hf import DTYPES
 
 
@@ -106,20 +107,19 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
 
 
-def read_gguf(path: Path) -> gguf.GGUFReader:
-    """A ``gguf.GGUFReader`` for ``path``; a missing, foreign or damaged file is a UserError."""
+def read_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
+    """A ``gguf.GGUFReader`` for ``path`` and the file's metadata (key -> value); a missing,
+    foreign or damaged file is a UserError."""
     if not path.is_file():
         raise UserError(f"GGUF file {path} does not exist; give the path of a .gguf file")
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
+        # "GGUF.*" fields describe the file itself (version, counts), not the model. Values are
+        # decoded here, so a string that is not UTF-8 is found now (UnicodeDecodeError is a ValueError).
+        return reader, {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     except (ValueError, KeyError, IndexError, OSError) as e:
         raise UserError(f"{path} cannot be read as GGUF ({str(e).splitlines()[0][:120]}); "
                         "the file is truncated, corrupt or not a GGUF file") from None
-
-
-def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    # "GGUF.*" fields describe the file itself (version, counts), not the model.
-    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
 
 
 def _dequantize(reader: gguf.GGUFReader, path: Path) -> dict[str, np.ndarray]:
@@ -150,8 +150,8 @@ def _our_name(name: str) -> str | None:
 def config_from_metadata(meta: dict[str, Any], path: Path, tied: bool) -> tuple[Arch, ModelConfig]:
     """The ``ModelConfig`` a GGUF file's ``{architecture}.*`` metadata describes."""
     arch_name = meta.get("general.architecture")
-    if arch_name not in ARCHITECTURES:
-        raise UserError(f"{path}: GGUF architecture {arch_name!r} is not supported; supported: "
+    if not isinstance(arch_name, str) or arch_name not in ARCHITECTURES:
+        raise UserError(f"{path}: GGUF architecture {str(arch_name)[:40]!r} is not supported; supported: "
                         f"{', '.join(ARCHITECTURES)}")
     arch = ARCHITECTURES[arch_name]
 
@@ -161,7 +161,14 @@ def config_from_metadata(meta: dict[str, Any], path: Path, tied: bool) -> tuple[
             raise UserError(f"{path} lacks the metadata key {arch_name}.{key}; the file is incomplete")
         return value
 
-    n_embd, n_head = int(get("embedding_length")), get("attention.head_count")
+    def number(key: str, default: Any = None, kind: type = int) -> Any:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{path}: metadata {arch_name}.{key} = {str(value)[:40]!r} is not a number; the file is "
+                            "corrupt")
+        return kind(value)
+
+    n_embd, n_head = number("embedding_length"), get("attention.head_count")
     if not isinstance(n_head, int) or n_head <= 0:  # some files give a list, one count per layer
         raise UserError(f"{path}: {arch_name}.attention.head_count = {n_head!r}; gptlab needs one positive count "
                         "for every layer")
@@ -173,15 +180,17 @@ def config_from_metadata(meta: dict[str, Any], path: Path, tied: bool) -> tuple[
         problems.append(f"{arch_name}.rope.scaling.type = {meta[f'{arch_name}.rope.scaling.type']}")
     if problems:
         raise UserError(f"{path} uses options gptlab does not implement: {'; '.join(problems)}")
-    if "tokenizer.ggml.tokens" not in meta:
-        raise UserError(f"{path} has no tokenizer (tokenizer.ggml.tokens); gptlab needs the model's tokenizer")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise UserError(f"{path} has no tokenizer (tokenizer.ggml.tokens, a list of strings); gptlab needs the "
+                        "model's tokenizer")
     defaults = FAMILY_DEFAULTS[arch.family]
     return arch, ModelConfig.for_family(
-        arch.family, vocab_size=len(meta["tokenizer.ggml.tokens"]), block_size=int(get("context_length")),
-        n_layer=int(get("block_count")), n_embd=n_embd, n_head=n_head,
-        n_kv_head=int(get("attention.head_count_kv", n_head)), intermediate_size=int(get("feed_forward_length")),
-        rope_theta=float(get("rope.freq_base", defaults["rope_theta"])),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", defaults["norm_eps"])), tie_embeddings=tied)
+        arch.family, vocab_size=len(tokens), block_size=number("context_length"),
+        n_layer=number("block_count"), n_embd=n_embd, n_head=n_head,
+        n_kv_head=number("attention.head_count_kv", n_head), intermediate_size=number("feed_forward_length"),
+        rope_theta=number("rope.freq_base", defaults["rope_theta"], float),
+        norm_eps=number("attention.layer_norm_rms_epsilon", defaults["norm_eps"], float), tie_embeddings=tied)
 
 
 def tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> tuple[HFTokenizer, dict[str, Any]]:
@@ -198,16 +207,26 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> tuple[HFTokeniz
     if kind != "gpt2":
         raise UserError(f"{path}: tokenizer model {kind!r} is not supported; gptlab reads byte-level BPE "
                         "('gpt2') GGUF vocabularies only")
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]  # a list of strings (config_from_metadata checked)
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(types, list):
+        raise UserError(f"{path}: tokenizer.ggml.token_type is not a list; the file is corrupt")
     alphabet = set(bytes_to_unicode().values())
     # Byte-level tokens are spelled in GPT-2's byte alphabet; one that is not (a mislabelled
     # control token) is respelled byte by byte, as transformers does, and is not made special.
     spelled = {t: i for i, t in enumerate(tokens) if set(t) <= alphabet}
     respelled = {render_token(t.encode("utf-8")): i for i, t in enumerate(tokens) if t not in spelled}
-    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={**spelled, **respelled}, merges=merges, fuse_unk=False, byte_fallback=False))
+    vocab = {**spelled, **respelled}
+    listed = meta.get("tokenizer.ggml.merges", [])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else () for m in (listed if isinstance(listed, list) else [0])]
+    bad = next((m for m in merges if len(m) != 2 or not {*m, "".join(m)} <= vocab.keys()), None)
+    if bad is not None:  # the tokenizers library would refuse it with a bare Exception
+        raise UserError(f"{path}: tokenizer.ggml.merges holds {' '.join(bad)[:40]!r}, which does not join two "
+                        "tokens of the vocabulary into one; the file is corrupt")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     pre = meta.get("tokenizer.ggml.pre", "default")
+    if not isinstance(pre, str):
+        raise UserError(f"{path}: tokenizer.ggml.pre is not a string; the file is corrupt")
     if pre not in PRE_TOKENIZERS:
         warnings.warn(f"{path}: pre-tokenizer {pre!r} is unknown to gptlab; splitting text as GPT-2 does, so ids may "
                       "differ from llama.cpp's", stacklevel=2)
@@ -225,12 +244,12 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> tuple[HFTokeniz
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
                       ("pad_token", "padding_token_id")):
         token_id = meta.get(f"tokenizer.ggml.{key}")
-        if token_id is not None and 0 <= token_id < len(tokens):
+        if isinstance(token_id, int) and 0 <= token_id < len(tokens):
             config[name] = tokens[token_id]
     for name in ("add_bos_token", "add_eos_token"):
         if f"tokenizer.ggml.{name}" in meta:
             config[name] = bool(meta[f"tokenizer.ggml.{name}"])
-    if "tokenizer.chat_template" in meta:
+    if isinstance(meta.get("tokenizer.chat_template"), str):
         config["chat_template"] = meta["tokenizer.chat_template"]
     return HFTokenizer(json.loads(tok.to_str())), config
 
@@ -238,13 +257,10 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> tuple[HFTokeniz
 def import_gguf(path: str | Path, dtype: str = "fp32") -> GGUFCheckpoint:
     """Load a GGUF file (Llama or Qwen2 architecture, byte-level BPE vocabulary) as a gptlab
     checkpoint in memory; quantised tensors are dequantised, then cast to ``dtype``."""
-    from gptlab.model.transformer import GPT
-
     path = Path(path)
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    reader = read_gguf(path)
-    meta = _metadata(reader)
+    reader, meta = read_gguf(path)
     tied = "output.weight" not in {t.name for t in reader.tensors}
     arch, cfg = config_from_metadata(meta, path, tied)
     tokenizer, tokenizer_config = tokenizer_from_metadata(meta, path)
@@ -265,9 +281,9 @@ def import_gguf(path: str | Path, dtype: str = "fp32") -> GGUFCheckpoint:
     if tied:
         state["lm_head.weight"] = state.get("embed_tokens.weight")
 
-    model = GPT(cfg)
-    # Unexpected tensors are e.g. q/k/v biases in a llama file: gptlab's llama has none.
-    check_state_dict(state, model.state_dict(), f"{path} (with its own metadata)")
+    # Unexpected tensors are e.g. q/k/v biases in a llama file: gptlab's llama has none. The
+    # shapes are checked before the model is built, so metadata declaring a huge model allocates nothing.
+    model = build_checked(cfg, state, f"{path} (with its own metadata)")
     model.load_state_dict(state)
     return GGUFCheckpoint(path, model.to(DTYPES[dtype]).eval(), cfg, tokenizer, tokenizer_config)
 

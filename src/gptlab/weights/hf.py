@@ -244,9 +244,10 @@ def is_hf_dir(path: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return "model_type" in json.loads(cfg.read_text())
+        d = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return isinstance(d, dict) and "model_type" in d
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
