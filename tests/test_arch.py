@@ -74,7 +74,7 @@ def test_config_json_round_trip(family):
 
 def test_validate_reports_every_bad_option():
     bad = ModelConfig(
-        n_head=12, n_kv_head=5, pos_embedding="alibi", norm="batchnorm", mlp="relu", norm_eps=0,
+        n_head=12, n_kv_head=5, pos_embedding="absolute", norm="batchnorm", mlp="relu", norm_eps=0,
         rope_theta=-1.0, intermediate_size=0, qkv_bias="yes", sliding_window=0,
     )  # fmt: skip
     with pytest.raises(UserError) as err:

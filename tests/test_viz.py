@@ -17,7 +17,7 @@ import torch
 
 from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
-from gptlab.model.layers import repeat_kv, rope_tables
+from gptlab.model.layers import repeat_kv, rope_tables, sinusoidal_positions
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import BPETokenizer, CharTokenizer
 from gptlab.train.checkpoint import save_checkpoint
@@ -29,7 +29,7 @@ from gptlab.viz.curves import FIGSIZE as CURVES_FIGSIZE
 from gptlab.viz.curves import plot_curves
 from gptlab.viz.embeddings import embeddings_figsize, nearest
 from gptlab.viz.positions import FIGSIZE as POSITIONS_FIGSIZE
-from gptlab.viz.positions import rotary, sinusoidal
+from gptlab.viz.positions import rotary
 from gptlab.viz.tokens import layout, to_ansi, to_html, token_pieces, tokens_figsize
 
 TEXT = "The cat sat on the mat. <b>Ünïcode & $5</b> 世界🙂\n" * 3
@@ -259,7 +259,7 @@ def test_curves_of_two_runs(tmp_path, capsys):
 
 
 def test_sinusoidal_and_rotary_tables():
-    table = sinusoidal(50, 16)
+    table = sinusoidal_positions(50, 16)
     p, i = 7, 3
     assert table[p, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / 16)), abs=1e-6)
     assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / 16)), abs=1e-6)

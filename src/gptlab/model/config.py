@@ -14,14 +14,16 @@ from typing import Any
 
 from gptlab.errors import UserError
 
-# Family names, used for naming, reporting and presets. What a model computes comes from the
-# explicit option fields below, never from this name; FAMILY_DEFAULTS gives each family's values.
-ARCHS = ("gpt2", "llama", "qwen2", "mistral")
+# Family names, used for naming, reporting and presets. What a Transformer computes comes from
+# the explicit option fields below, never from this name; FAMILY_DEFAULTS gives each family's
+# values. The one exception is "bigram", which is no Transformer: `build_model` makes the
+# baseline lookup table (gptlab.model.bigram) from it, and it uses only vocab_size and block_size.
+ARCHS = ("gpt2", "llama", "qwen2", "mistral", "bigram")
 # "sdpa": PyTorch's fused scaled_dot_product_attention (fast, never materialises the weights).
 # "reference": the textbook softmax(QK^T / sqrt(d)) with an explicit causal mask (readable,
 # can hand back the attention weights for visualisation).
 ATTN_IMPLS = ("sdpa", "reference")
-POS_EMBEDDINGS = ("learned", "rope")
+POS_EMBEDDINGS = ("learned", "rope", "sinusoidal", "alibi")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "relu2")
 # RoPE scaling types and their keys (required, optional), as in Hugging Face configs.
@@ -104,14 +106,18 @@ class ModelConfig:
     """Whether the output head reuses the token-embedding matrix (as GPT-2 does)."""
     arch: str = "gpt2"
     """Family name ("gpt2", "llama", "qwen2", "mistral") for naming, reporting and presets.
-    It changes nothing by itself: the fields below say what the model computes."""
+    It changes nothing by itself: the fields below say what the model computes. "bigram" is
+    the exception: the baseline next-token lookup table, no Transformer at all."""
     attn_impl: str = "sdpa"
     """How attention is computed: "sdpa" (fused, fast) or "reference" (explicit, inspectable).
     Both give the same result; the choice does not change the weights."""
     pos_embedding: str = "learned"
     """How the model knows token order: "learned" adds a trained (block_size, C) table
     ``embed_positions`` to the token embeddings (GPT-2); "rope" rotates queries and keys by an
-    angle proportional to their position (Llama), so attention scores depend on distance."""
+    angle proportional to their position (Llama), so attention scores depend on distance;
+    "sinusoidal" adds the fixed sin/cos table of "Attention Is All You Need" (nothing learned);
+    "alibi" adds nothing to the tokens and instead biases each head's attention scores by
+    -slope * distance (Press et al. 2022), so a head's attention fades with distance."""
     rope_theta: float = 10000.0
     """RoPE base: pair i of a head rotates at angle position / theta^(2i / head_dim). A larger
     base makes the slowest pairs slower, so far-apart positions stay distinguishable."""
@@ -223,6 +229,10 @@ class ModelConfig:
             # RoPE rotates pairs of dimensions, so a head needs an even width.
             problems.append(f"pos_embedding='rope' needs an even head_dim, got n_embd // n_head = "
                             f"{self.head_dim}")
+        if self.pos_embedding == "sinusoidal" and n_embd_ok and self.n_embd % 2:
+            problems.append(f"pos_embedding='sinusoidal' needs an even n_embd (sin/cos pairs), got {self.n_embd}")
+        if self.arch == "bigram" and self.tie_embeddings is True:
+            problems.append("arch='bigram' has no output head to tie to its table; set tie_embeddings to false")
         problems += self._rope_scaling_problems()
         if problems:
             raise UserError("invalid model config: " + "; ".join(problems))

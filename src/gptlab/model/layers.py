@@ -1,4 +1,5 @@
-"""Building blocks of the Transformer: norms, rotary positions, causal self-attention, MLPs.
+"""Building blocks of the Transformer: norms, positions (rotary, sinusoidal, ALiBi), causal
+self-attention, MLPs.
 
 Shapes use B = batch, T = new tokens, S = tokens attended to (T, or cached + T with a KV
 cache), C = n_embd, H = n_head, K = n_kv_head, D = head_dim = C // H.
@@ -61,6 +62,56 @@ def make_norm(config: ModelConfig) -> LayerNorm | RMSNorm:
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd, eps=config.norm_eps)
     return LayerNorm(config.n_embd, bias=config.bias, eps=config.norm_eps)
+
+
+# --- fixed position encodings: sinusoidal and ALiBi -----------------------------------------
+
+
+def sinusoidal_positions(n_positions: int, dim: int) -> torch.Tensor:
+    """The fixed position encoding of "Attention Is All You Need", (n_positions, dim) float32.
+
+    PE[p, 2i] = sin(p / 10000^(2i / dim)) and PE[p, 2i + 1] = cos(p / 10000^(2i / dim)), for an
+    even ``dim``: each pair of dimensions turns at its own speed, from once every 2 pi tokens to
+    once every 10000 * 2 pi, so every position gets a distinct pattern, and PE[p + k] is a fixed
+    rotation of PE[p], which lets attention read relative offsets.
+    """
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]  # (P, 1)
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+    table = torch.empty(n_positions, dim)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)
+    return table
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head slopes, (n_head,) float32 (Press et al. 2022, "Train Short, Test Long").
+
+    For n heads, a power of two, head h (from 1) gets 2^(-8h / n): a geometric sequence from
+    nearly 1/2 down to 1/256, so some heads look far back and others only at recent tokens.
+    Otherwise the paper takes the slopes of the nearest power of two below, then every other
+    slope of twice that many heads until there are n.
+    """
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    below = 2 ** math.floor(math.log2(n_head))
+    slopes = power_of_two(below) + power_of_two(2 * below)[0::2][: n_head - below]
+    return torch.tensor(slopes)
+
+
+def alibi_bias(slopes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Additive attention scores for ALiBi: -slope * distance where ``mask`` allows, else -inf.
+
+    ``mask`` is (T, S) or (B, 1, T, S) bool from ``attention_mask``, whose queries are the last
+    T of the S positions; the result is (H, T, S) or (B, H, T, S) float32, added to Q K^T /
+    sqrt(D) before the softmax. Nothing is added to the tokens: a query at distance d from a
+    key simply scores it slope * d lower, so attention fades with distance at a rate per head.
+    """
+    T, S = mask.shape[-2:]
+    q_pos = torch.arange(S - T, S, device=mask.device)[:, None]  # (T, 1)
+    distance = (q_pos - torch.arange(S, device=mask.device)[None, :]).float()  # (T, S)
+    bias = -slopes.to(mask.device)[:, None, None] * distance  # (H, T, S)
+    return bias.masked_fill(~mask, float("-inf"))
 
 
 # --- rotary position embeddings (RoPE) -------------------------------------------------------
@@ -260,7 +311,8 @@ class CausalSelfAttention(nn.Module):
         ``rope``: cos and sin (T, D) or (B, 1, T, D) of the new tokens' positions, or None for
         learned positions. ``mask``: (T, S) or (B, 1, T, S) bool from ``attention_mask``, or
         None when each query may see every key up to its own: T tokens among themselves
-        (S == T, SDPA's fast is_causal path) or one new token after cached ones (T == 1).
+        (S == T, SDPA's fast is_causal path) or one new token after cached ones (T == 1); or a
+        float mask, (H or B, H, T, S), added to the scores (-inf where a key is hidden; ALiBi).
         """
         B, T, C = x.shape
         # (B, T, C) -> (B, H, T, D): heads become a batch dimension.
@@ -276,6 +328,8 @@ class CausalSelfAttention(nn.Module):
             # Cached keys are stored rotated, so each is rotated once, at its own position.
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         n_rep = self.n_head // self.n_kv_head
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # SDPA wants an additive mask in the queries' dtype (bf16 under autocast)
         if self.attn_impl == "sdpa" and not self.save_weights:
             # enable_gqa lets each k/v head serve its n_rep query heads in place, without
             # copying the (B, K, S, D) cache n_rep times as repeat_kv does.
@@ -299,8 +353,11 @@ class CausalSelfAttention(nn.Module):
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
         if mask is None:
             mask = attention_mask(T, S, None, q.device)
-        # Keys a query may not see get -inf, which the softmax turns into probability 0.
-        scores = scores.masked_fill(~mask, float("-inf"))
+        if mask.is_floating_point():
+            scores = scores + mask  # an additive mask holds -inf where a key is hidden
+        else:
+            # Keys a query may not see get -inf, which the softmax turns into probability 0.
+            scores = scores.masked_fill(~mask, float("-inf"))
         # Softmax in float32: under bf16 autocast its sums would otherwise lose precision.
         probs = F.softmax(scores.float(), dim=-1).to(v.dtype)
         if self.save_weights:

@@ -30,7 +30,10 @@ from torch import nn
 from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
 from gptlab.model.kv_cache import KVCache
-from gptlab.model.layers import MLP, CausalSelfAttention, make_norm, rope_tables
+from gptlab.model.bigram import Bigram
+from gptlab.model.layers import (
+    MLP, CausalSelfAttention, alibi_bias, alibi_slopes, make_norm, rope_tables, sinusoidal_positions,
+)  # fmt: skip
 from gptlab.model.layers import attention_mask as build_attention_mask
 
 
@@ -75,12 +78,17 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         learned = config.pos_embedding == "learned"
         self.embed_positions = nn.Embedding(config.block_size, config.n_embd) if learned else None
-        if not learned:
-            # cos and sin of every position's RoPE angles, (block_size, D). Buffers, not
-            # parameters: computed from the config, so not saved (persistent=False).
+        # The other position encodings are buffers, not parameters: computed from the config,
+        # so not saved (persistent=False). RoPE: cos and sin of every position's angles,
+        # (block_size, D); sinusoidal: the (block_size, C) table; ALiBi: one slope per head.
+        if config.pos_embedding == "rope":
             shape = (config.block_size, config.head_dim)
             self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
             self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+        elif config.pos_embedding == "sinusoidal":
+            self.register_buffer("sinusoid", torch.empty(config.block_size, config.n_embd), persistent=False)
+        elif config.pos_embedding == "alibi":
+            self.register_buffer("alibi_slopes", torch.empty(config.n_head), persistent=False)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
@@ -107,15 +115,21 @@ class GPT(nn.Module):
         - every norm (``input_layernorm``, ``post_attention_layernorm``, ``norm``): weight 1
           and, for LayerNorm with bias, bias 0, so it starts as a plain standardisation
         - ``lm_head.weight``: the token embedding when tied, else normal(0, 0.02)
-        - with RoPE, the (not learned) ``rope_cos``/``rope_sin`` buffers: the rotation tables
+        - the (not learned) buffers: with RoPE ``rope_cos``/``rope_sin``, the rotation tables;
+          sinusoidal, ``sinusoid``, the sin/cos table; ALiBi, ``alibi_slopes``, one per head
 
         With these, the logits start near zero and the loss near ln(vocab_size).
         """
         std = 0.02
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
-        if self.embed_positions is not None:
+        pos_embedding = self.config.pos_embedding
+        if pos_embedding == "learned":
             nn.init.normal_(self.embed_positions.weight, mean=0.0, std=std)
+        elif pos_embedding == "sinusoidal":
+            self.sinusoid.copy_(sinusoidal_positions(self.config.block_size, self.config.n_embd))
+        elif pos_embedding == "alibi":
+            self.alibi_slopes.copy_(alibi_slopes(self.config.n_head))
         else:
             cos, sin = rope_tables(self.config, self.config.block_size)
             self.rope_cos.copy_(cos)
@@ -190,20 +204,28 @@ class GPT(nn.Module):
             # A token's position is the number of real tokens before it; padding gets 0.
             pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
         rope = None
-        if self.embed_positions is not None:
+        pos_embedding = self.config.pos_embedding
+        if pos_embedding == "learned":
             # Token identity plus position, (B, T, C) + (T or B, T, C).
             x = x + self.embed_positions(pos)
-        elif attention_mask is None:
+        elif pos_embedding == "sinusoidal":
+            # As in the paper, embeddings are scaled by sqrt(C) so that the fixed table, whose
+            # entries are about 0.7 in size, does not drown them: (B, T, C) + (T or B, T, C).
+            x = x * math.sqrt(self.config.n_embd) + self.sinusoid[pos]
+        elif pos_embedding == "rope" and attention_mask is None:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, D)
-        else:
+        elif pos_embedding == "rope":
             rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, D)
         x = self.embed_dropout(x)
         # None lets SDPA use its fast causal kernel (T tokens among themselves), or no mask at
-        # all for one new token after cached ones; padding, a window, or several new tokens
-        # after cached ones need an explicit (T, S) or (B, 1, T, S) mask.
+        # all for one new token after cached ones; padding, a window, several new tokens after
+        # cached ones, or ALiBi's bias need an explicit (T, S) or (B, 1, T, S) mask.
         mask = None
-        if attention_mask is not None or self.config.sliding_window is not None or (start and T > 1):
+        alibi = pos_embedding == "alibi"
+        if attention_mask is not None or self.config.sliding_window is not None or (start and T > 1) or alibi:
             mask = build_attention_mask(T, start + T, self.config.sliding_window, idx.device, attention_mask)
+        if alibi:
+            mask = alibi_bias(self.alibi_slopes, mask)  # (H or B, H, T, S) float
         for layer in self.layers:
             x = layer(x, rope, mask, kv_cache)
         if kv_cache is not None:
@@ -279,3 +301,8 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+
+
+def build_model(config: ModelConfig) -> GPT | Bigram:
+    """The model ``config`` describes: the bigram baseline for arch "bigram", else the Transformer."""
+    return Bigram(config) if config.arch == "bigram" else GPT(config)

@@ -40,7 +40,7 @@ from gptlab.data.prepare import PreparedData, load_prepared, prepare
 from gptlab.errors import UserError
 from gptlab.inference.sampling import generate
 from gptlab.model.config import ModelConfig
-from gptlab.model.transformer import GPT
+from gptlab.model.transformer import GPT, build_model
 from gptlab.tokenizers import Tokenizer
 from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed
@@ -74,9 +74,10 @@ class Job:
     """What the loop trains and how it checks and saves it; the only thing that differs between
     pretraining and each kind of fine-tuning."""
 
-    #: the module being trained (a GPT, with LoRA layers or a class head when fine-tuning);
-    #: parameters with ``requires_grad`` False stay frozen
-    model: GPT
+    #: the module being trained (a GPT, with LoRA layers or a class head when fine-tuning; the
+    #: bigram baseline; an encoder-decoder): it needs ``configure_optimizer_groups`` and
+    #: ``num_parameters``; parameters with ``requires_grad`` False stay frozen
+    model: nn.Module
     train_batches: Batches
     #: "train" or "val" -> the same batches on every call, so evaluations are comparable
     eval_batches: Callable[[str], Iterable[Batch]]
@@ -156,10 +157,11 @@ def pretrain_job(model: GPT, data: PreparedData, cfg: TrainConfig) -> Job:
         return sample_text(model, tokenizer, cfg.sample_tokens, cfg.seed, model.embed_tokens.weight.device)
 
     cfg_m = model.config
+    shape = "a bigram table" if cfg_m.arch == "bigram" else f"{cfg_m.n_layer} layers, {cfg_m.n_embd} wide"
     global_batch = cfg.batch_size * distributed.world_size()  # every process draws it and keeps its share
     return Job(model, RandomBatches(data.tokens("train"), block, global_batch, seed=cfg.seed), eval_batches, save,
-               description=f"training {model.num_parameters():,} parameters ({cfg_m.n_layer} layers, {cfg_m.n_embd} "
-                           f"wide) on {data.meta['train_tokens']:,} tokens, "
+               description=f"training {model.num_parameters():,} parameters ({shape}) on "
+                           f"{data.meta['train_tokens']:,} tokens, "
                            f"{global_batch * block * cfg.grad_accum:,} tokens/step",
                sample=sample, bits_per_byte=data.meta["val_tokens"] / data.meta["val_bytes"] / math.log(2))
 
@@ -187,7 +189,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, resume:
         model_cfg.vocab_size = tokenizer.vocab_size
         model_cfg.validate()
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = GPT(model_cfg)
+    model = build_model(model_cfg)
     if resume:
         ckpt.load_weights(model, resume_dir)
     return run_job(pretrain_job(model, data, cfg), cfg, run_dir, state, show_progress)

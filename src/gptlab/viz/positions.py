@@ -16,23 +16,13 @@ import torch
 
 from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
-from gptlab.model.layers import rope_tables
+from gptlab.model.layers import rope_tables, sinusoidal_positions
 from gptlab.viz.common import output_path, pyplot, save
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 FIGSIZE = (15.0, 5.5)
-
-
-def sinusoidal(n_positions: int, dim: int) -> torch.Tensor:
-    """The fixed sinusoidal position encoding, (n_positions, dim) with an even ``dim``."""
-    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]  # (P, 1)
-    freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,) = 1 / 10000^(2i/d)
-    table = torch.empty(n_positions, dim)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq)
-    return table
 
 
 def rotary(config: ModelConfig, n_positions: int) -> torch.Tensor:
@@ -94,7 +84,7 @@ def run_positions(model: str | None = None, out: str | Path | None = None, force
         rope_note += f"theta {rope_config.rope_theta:g}, one head of width {dim}"
     D = rope_config.head_dim
     panels = [
-        (sinusoidal(n_positions, dim), f"sinusoidal (Vaswani et al. 2017), width {dim}\n(fixed, added to token "
+        (sinusoidal_positions(n_positions, dim), f"sinusoidal (Vaswani et al. 2017), width {dim}\n(fixed, added to token "
                                        "embeddings)", "dimension (even: sin, odd: cos)"),
         (learned, learned_title, "dimension"),
         (rotary(rope_config, n_positions), f"rotary (RoPE), head_dim {D}: cos | sin of p * theta_i\n"

@@ -38,21 +38,22 @@ BUFFER_BYTES_FLOOR = 64 * 2**20
 
 
 def build_checked(config: "ModelConfig", state: Mapping[str, torch.Tensor | None], source: str) -> "GPT":
-    """``GPT(config)``, built only after its shapes were checked against ``state`` on the meta
-    device (no memory), so a config that declares a huge model is refused before allocation."""
-    from gptlab.model.transformer import GPT
+    """``build_model(config)`` (a GPT, or the bigram table), built only after its shapes were checked
+    against ``state`` on the meta device (no memory), so a config that declares a huge model is
+    refused before allocation."""
+    from gptlab.model.transformer import build_model
 
     # A block is a few Python modules even on the meta device: count layers before building any.
     layers = {k.split(".")[1] for k in state if k.startswith("layers.")}
-    if config.n_layer != len(layers):
+    if config.arch != "bigram" and config.n_layer != len(layers):
         raise UserError(f"{source} does not fit the model: the config says n_layer={config.n_layer} but the weights "
                         f"hold {len(layers)} layers")
     with torch.device("meta"):
-        skeleton = GPT(config)
+        skeleton = build_model(config)
     check_state_dict(state, skeleton.state_dict(), source)
     weights = sum(p.numel() * p.element_size() for p in skeleton.parameters())
     buffers = sum(b.numel() * b.element_size() for b in skeleton.buffers())
     if buffers > max(weights, BUFFER_BYTES_FLOOR):
         raise UserError(f"{source}: block_size={config.block_size} would need {buffers / 2**30:.1f} GiB of RoPE tables "
                         "for a model this size; the context length is corrupt")
-    return GPT(config)
+    return build_model(config)

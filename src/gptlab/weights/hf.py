@@ -343,6 +343,9 @@ def export_hf(ckpt, out: str | Path, family: str = "gpt2") -> None:
         unsupported.append(f"mlp={cfg.mlp!r} ({family} computes {family_mlp})")
     if cfg.qk_norm:
         unsupported.append("qk_norm")
+    family_pos = "learned" if family == "gpt2" else "rope"
+    if cfg.pos_embedding != family_pos:
+        unsupported.append(f"pos_embedding={cfg.pos_embedding!r} ({family} uses {family_pos})")
     if unsupported:
         raise UserError(f"the model uses {', '.join(unsupported)}, which the {family} format of transformers does not "
                         "compute, so an export would load as a different model; export models of a supported family")
