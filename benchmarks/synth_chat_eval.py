@@ -5,7 +5,9 @@
 
 Each question is asked alone with the model's chat template and greedy decoding; the reply,
 stripped, must equal the computed answer exactly. The kinds are asked in turn, so each gets
-about n/9 questions; the overall figure is the share of all n answered right.
+about n/9 questions; the overall figure is the share of all n answered right. "new problem"
+counts the questions whose problem training never showed (sums, spelling, ...), "new phrasing"
+the remembered facts asked in a phrasing training never showed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main() -> None:
     print(f"{'kind':<12} {'correct':>9} {'accuracy':>9}")
     for kind, t in result["per_kind"].items():
         print(f"{kind:<12} {t['correct']:>4}/{t['total']:<4} {t['accuracy']:>9.1%}")
+    for held_out, t in sorted(result["per_held_out"].items()):
+        print(f"{'new ' + held_out:<12} {t['correct']:>4}/{t['total']:<4} {t['accuracy']:>9.1%}")
     print(f"{'overall':<12} {result['correct']:>4}/{result['n']:<4} {result['accuracy']:>9.1%}   ({seconds:.1f} s)")
     for f in result["failures"][:args.failures]:
         print(f"  [{f['kind']}] {f['question']!r}\n      expected {f['expected']!r}\n      got      {f['got']!r}")

@@ -9,6 +9,7 @@ import operator
 import random
 import re
 from collections import Counter
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +26,8 @@ from gptlab.train.checkpoint import save_checkpoint
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 #: sizes in a base unit per dimension (months for year/month), so a conversion is checked by
 #: comparing the two amounts in that base, not by the factor table the generator uses
-UNIT_SIZE = {"kilometer": 1000, "meter": 1, "centimeter": 0.01, "kilogram": 1000, "gram": 1, "week": 7 * 86400,
+UNIT_SIZE = {"kilometer": 1000, "meter": 1, "centimeter": 0.01, "millimeter": 0.001, "kilogram": 1000, "gram": 1,
+             "liter": 1000, "milliliter": 1, "week": 7 * 86400,
              "day": 86400, "hour": 3600, "minute": 60, "second": 1, "year": 12, "month": 1}
 WEEKDAYS, MONTHS = list(calendar.day_name), list(calendar.month_name)[1:]
 
@@ -38,6 +40,16 @@ def _unit(name: str) -> str:
     return name[:-1] if name.endswith("s") else name
 
 
+def core(question: str, kind: str) -> str:
+    """The normalised question without the parts ``synth.dress`` may add (an opening, " please")."""
+    q = synth.normalise(question)
+    for opening in synth.GREETING_OPENINGS if kind == "greeting" else synth.OPENINGS:
+        if q.startswith(synth.normalise(opening) + " "):
+            q = q[len(synth.normalise(opening)) + 1:]
+            break
+    return q.removesuffix(" please")
+
+
 def check_exchange(q: str, a: str) -> str:
     """Recompute the answer to ``q`` without the generator's code and return the kind.
 
@@ -45,7 +57,7 @@ def check_exchange(q: str, a: str) -> str:
     read back out of the question and the answer and checked against each other."""
     if m := re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)\.", a):
         x, op, y, result = int(m[1]), m[2], int(m[3]), int(m[4])
-        assert _ints(q) == ([y, x] if q.lower().startswith("subtract") else [x, y])
+        assert _ints(q) == ([y, x] if "subtract" in q.lower() else [x, y])
         assert result == OPS[op](x, y) >= 0
         return "arithmetic"
     if m := re.fullmatch(r"(\w+) has the letter (\w) (\d+) times?\.", a):
@@ -84,7 +96,7 @@ def check_exchange(q: str, a: str) -> str:
     for kind, table in (("greeting", synth.GREETINGS), ("identity", synth.IDENTITY)):
         for phrasings, answer in table:
             if a == answer:
-                assert synth.normalise(q) in {synth.normalise(p) for p in phrasings}
+                assert core(q, kind) in {synth.normalise(p) for p in phrasings}
                 return kind
     raise AssertionError(f"unrecognised answer {a!r} to {q!r}")
 
@@ -132,24 +144,41 @@ def test_no_test_question_is_ever_trained_on_whatever_seed_and_size(test_convs):
     train_q = {synth.normalise(q) for q, _ in exchanges(train)}
     test_q = {synth.normalise(q) for q, _ in exchanges(test)}
     assert train_q and test_q and not train_q & test_q
-    # For the open kinds the answer names the problem itself ("23 + 45 = 68."): not even a
-    # rephrasing of a test problem is trained on. Closed-kind answers (facts) are shared on purpose.
-    open_kinds = {"arithmetic", "letters", "spelling", "compare", "units"}
-    by_split = [{a for q, a in exchanges(convs) if check_exchange(q, a) in open_kinds} for convs in (train, test)]
-    assert by_split[0] and by_split[1] and not by_split[0] & by_split[1]
 
 
-def test_every_closed_kind_test_answer_is_taught_in_training():
-    # The closed kinds hold out phrasings, not facts: each held-out question's answer is also
-    # the answer to some training question (drawn exhaustively from the generators here).
+def draws(n: int = 6000) -> list[synth.QA]:
+    """Questions of every kind as the generators and ``dress`` make them, before the split."""
     rng = random.Random(0)
-    for kind in ("calendar", "facts", "greeting", "identity"):
-        make = synth.KINDS[kind][0]
-        answers = {"train": set(), "test": set()}
-        for qa in (make(rng) for _ in range(4000)):
-            answers[qa.split].add(qa.answer)
-        assert answers["test"] and answers["test"] <= answers["train"], kind
-    assert all(qa.split == "test" for qa in synth.held_out_questions(50))
+    return [synth.dress(rng, synth.KINDS[kind][0](rng)) for _ in range(n // len(synth.KINDS)) for kind in synth.KINDS]
+
+
+def test_a_worked_out_test_problem_is_not_trained_on_in_any_phrasing():
+    # Such an answer names the problem itself ("23 + 45 = 68."), so no training answer may equal a test one.
+    answers = {split: {qa.answer for qa in draws() if qa.held_out == "problem" and qa.split == split}
+               for split in synth.SPLITS}
+    assert answers["train"] and answers["test"] and not answers["train"] & answers["test"]
+    kinds = {qa.kind for qa in draws() if qa.held_out == "problem"}
+    assert kinds == {"arithmetic", "letters", "spelling", "compare", "units"}
+
+
+def test_a_remembered_fact_is_taught_and_its_test_phrasing_is_new_parts_combined():
+    # Remembered facts hold out phrasings, not facts: each test answer is also a training answer,
+    # and each test question's core (without opening and " please") is asked in training too.
+    qas = [qa for qa in draws(36_000) if qa.held_out == "phrasing"]
+    assert {qa.kind for qa in qas} == {"arithmetic", "units", "calendar", "facts", "greeting", "identity"}
+    train = [qa for qa in qas if qa.split == "train"]
+    test = [qa for qa in synth.held_out_questions(300) if qa.held_out == "phrasing"]
+    assert len(test) > 100 and {qa.kind for qa in test} == {qa.kind for qa in qas}
+    assert {qa.answer for qa in test} <= {qa.answer for qa in train}
+    for qa in test:  # the training split holds the same core under at least one other dressing
+        c = core(qa.question, qa.kind)
+        greeting = qa.kind == "greeting"  # greetings have their own openings and no " please"
+        endings = ("",) if greeting else ("", " please")
+        openings = ("", *(synth.normalise(o) + " " for o in (synth.GREETING_OPENINGS if greeting else synth.OPENINGS)))
+        variants = {f"{o}{c}{e}" for o in openings for e in endings}
+        assert any(replace(qa, key=v).split == "train" for v in variants - {qa.key}), qa
+    # ... and the dressing is a real part of the question: many test questions carry one.
+    assert sum(core(qa.question, qa.kind) != synth.normalise(qa.question) for qa in test) > len(test) / 4
 
 
 def test_chat_shapes_vary(train_convs):
@@ -239,6 +268,11 @@ def test_evaluator_scores_a_perfect_model_1_and_reports_wrong_answers(monkeypatc
 
     result = run_with_model(monkeypatch, OracleModel(wrong_sums), 27)
     assert result["correct"] == 24 and result["per_kind"]["arithmetic"]["accuracy"] == 0.0
+    questions = synth.held_out_questions(27, seed=4)
+    assert {k: t["total"] for k, t in result["per_held_out"].items()} == Counter(qa.held_out for qa in questions)
+    wrong = {k: t["total"] - t["correct"] for k, t in result["per_held_out"].items()}
+    arithmetic = [qa for qa in questions if qa.kind == "arithmetic"]
+    assert wrong == {k: sum(qa.held_out == k for qa in arithmetic) for k in ("problem", "phrasing")}
     assert result["accuracy"] == pytest.approx(24 / 27)
     fail = result["failures"][0]
     assert fail["kind"] == "arithmetic" and fail["got"] != fail["expected"] == expected[fail["question"]].answer

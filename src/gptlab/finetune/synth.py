@@ -7,11 +7,15 @@ each with several phrasings: arithmetic, counting letters, spelling, comparing n
 conversions, days and months, a small table of facts, greetings, and the assistant itself.
 
 The held-out split is fixed by content, not by position or seed: each question has a ``key``
-and a hash of ``kind|key`` puts it in ``test`` or ``train``. For the open kinds (numbers,
-words) the key is the problem itself ("add 23 45"), so a test problem is never seen in
-training under any phrasing; for the closed kinds (a fixed table of days, facts, greetings)
-the key is the normalised question text, so the facts are taught and the test asks them in
-phrasings never seen. Whatever ``n`` and ``seed``, no test question appears in training.
+and a hash of ``kind|key`` puts it in ``test`` or ``train``. Where the answer can be worked out
+from the question (sums and differences, counting, spelling, comparing, metric conversions) the
+key is the problem itself ("+ 23 45"), so a test problem is never seen in training under any
+phrasing. Where the answer is a fact to remember (the times table, 60 minutes an hour, days,
+capitals, greetings, the assistant's name) no model can work out one it was never told, so the
+key is the whole normalised question: the fact is taught, and the test asks it in a phrasing
+never seen. Phrasings are built from parts (an optional opening such as "Quick question: ", one
+of several cores, an optional " please"), so a held-out phrasing is a new combination of parts
+each of which training shows. Whatever ``n`` and ``seed``, no test question appears in training.
 
 The model-facing format is gptlab's built-in chat template (``BUILTIN_TEMPLATE``):
 ``User: ...\\nAssistant: ...\\n``, with an optional ``System: ...`` line first.
@@ -24,7 +28,7 @@ import json
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +75,11 @@ WORDS = (
     "friend", "family", "mother", "father", "sister", "brother", "baby", "people", "person", "king",
     "queen", "castle", "dragon", "knight", "sword", "wizard", "magic", "giant", "kitten", "puppy",
     "hello", "goodbye", "banner", "pizza", "balloon", "candle", "jelly", "button", "pillow", "ladder",
+    "basket", "bucket", "camera", "jacket", "kettle", "marble", "needle", "pocket", "bubble", "saddle",
+    "spoon", "fork", "knife", "plate", "cup", "glass", "honey", "salad", "soup", "noodle",
+    "wolf", "bear", "fox", "camel", "lizard", "spider", "beetle", "owl", "goose", "llama",
+    "blanket", "closet", "kitchen", "garage", "roof", "wall", "floor", "stairs", "village", "city",
+    "ticket", "wallet", "hammer", "nail", "rope", "shovel", "helmet", "boot", "glove", "scarf",
 )
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
@@ -103,8 +112,10 @@ class QA:
     kind: str
     question: str
     answer: str
-    #: the problem for open kinds ("add 23 45"), the normalised question for closed ones
+    #: the problem for worked-out answers ("+ 23 45"), the normalised question for remembered ones
     key: str
+    #: "problem" (no phrasing of a test problem is trained on) or "phrasing" (the fact is taught)
+    held_out: str = "problem"
 
     @property
     def split(self) -> str:
@@ -118,8 +129,31 @@ def normalise(question: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9+*=-]+", " ", question.lower()).split())
 
 
+#: optional openings and the share of questions that get one; "" is the plain question
+OPENINGS = ("Hey, ", "Hi, ", "So, ", "Quick question: ", "Please tell me: ", "Excuse me, ", "I wonder, ")
+OPENING_SHARE = 0.5
+#: share of questions that end in " please" before their final mark
+PLEASE_SHARE = 0.25
+#: greetings take their own, short openings
+GREETING_OPENINGS = ("Oh, ", "Well, ", "Um, ", "Okay, ", "Ah, ")
+
+
+def dress(rng: random.Random, qa: QA) -> QA:
+    """``qa`` with, sometimes, an opening before its question and " please" before the question's
+    final mark (greetings take their own openings and no " please"); a remembered fact's key
+    becomes the whole dressed question, so the split holds out combinations of parts."""
+    greeting = qa.kind == "greeting"
+    q = qa.question
+    if rng.random() < OPENING_SHARE:
+        q = rng.choice(GREETING_OPENINGS if greeting else OPENINGS) + q[0].lower() + q[1:]
+    if not greeting and rng.random() < PLEASE_SHARE:
+        q = q[:-1] + " please" + q[-1]
+    return replace(qa, question=q, key=normalise(q) if qa.held_out == "phrasing" else qa.key)
+
+
 def _closed(kind: str, question: str, answer: str) -> QA:
-    return QA(kind, question, answer, normalise(question))
+    """A remembered fact: the test split holds out phrasings of it (see ``dress``), never the fact."""
+    return QA(kind, question, answer, normalise(question), "phrasing")
 
 
 def _times(n: int, one: str, many: str) -> str:
@@ -148,7 +182,9 @@ def arithmetic(rng: random.Random) -> QA:
     else:
         a, b = rng.randint(0, MUL_MAX), rng.randint(0, MUL_MAX)
     phrasings, fn = ARITHMETIC[op]
-    return QA("arithmetic", rng.choice(phrasings).format(a=a, b=b), f"{a} {op} {b} = {fn(a, b)}.", f"{op} {a} {b}")
+    question, answer = rng.choice(phrasings).format(a=a, b=b), f"{a} {op} {b} = {fn(a, b)}."
+    # Sums and differences can be worked out digit by digit; the times table is remembered.
+    return _closed("arithmetic", question, answer) if op == "*" else QA("arithmetic", question, answer, f"{op} {a} {b}")
 
 
 def letters(rng: random.Random) -> QA:
@@ -194,7 +230,9 @@ def compare(rng: random.Random) -> QA:
 UNITS = (
     ("kilometer", "kilometers", "meter", "meters", 1000),
     ("meter", "meters", "centimeter", "centimeters", 100),
+    ("centimeter", "centimeters", "millimeter", "millimeters", 10),
     ("kilogram", "kilograms", "gram", "grams", 1000),
+    ("liter", "liters", "milliliter", "milliliters", 1000),
     ("hour", "hours", "minute", "minutes", 60),
     ("minute", "minutes", "second", "seconds", 60),
     ("day", "days", "hour", "hours", 24),
@@ -215,7 +253,8 @@ def units(rng: random.Random) -> QA:
         question = rng.choice(("How many {bigs} is {ys}?", "Convert {ys} to {bigs}.", "{ys} is how many {bigs}?"))
         answer, key = f"{_times(y, small, smalls)} = {_times(x, big, bigs)}.", f"{small}>{big} {y}"
     question = question.format(smalls=smalls, bigs=bigs, xb=_times(x, big, bigs), ys=_times(y, small, smalls))
-    return QA("units", question, answer, key)
+    # A power of ten only moves zeros, which can be worked out; 7 hours = 420 minutes is remembered.
+    return QA("units", question, answer, key) if factor in (10, 100, 1000) else _closed("units", question, answer)
 
 
 def calendar(rng: random.Random) -> QA:
@@ -315,14 +354,14 @@ KINDS: dict[str, tuple[Callable[[random.Random], QA], float]] = {
 
 def _vary_surface(rng: random.Random, qa: QA) -> QA:
     """Sometimes lower-case the first letter or drop the final punctuation, as people type; the
-    key (and so the split) is unchanged, since the open kinds' keys ignore the wording and the
-    closed kinds' keys are normalised."""
+    key (and so the split) is unchanged, since a problem's key ignores the wording and a
+    phrasing's key is normalised."""
     q = qa.question
     if rng.random() < 0.1:
         q = q[0].lower() + q[1:]
     if rng.random() < 0.1 and q[-1] in "?.!":
         q = q[:-1]
-    return QA(qa.kind, q, qa.answer, qa.key)
+    return replace(qa, question=q)
 
 
 def sample_qa(rng: random.Random, split: str, kind: str | None = None) -> QA:
@@ -331,7 +370,7 @@ def sample_qa(rng: random.Random, split: str, kind: str | None = None) -> QA:
         kind = rng.choices(list(KINDS), weights=[w for _, w in KINDS.values()])[0]
     make = KINDS[kind][0]
     for _ in range(10_000):  # rejection: draw until the question falls in the split
-        qa = make(rng)
+        qa = dress(rng, make(rng))
         if qa.split == split:
             return _vary_surface(rng, qa)
     raise RuntimeError(f"kind {kind!r} has no {split} questions; change TEST_PERCENT or its tables")
@@ -395,8 +434,11 @@ def held_out_questions(n: int = 200, seed: int = 0) -> list[QA]:
 
 
 def exact_match(engine: Engine, questions: list[QA], max_failures: int = 10) -> dict[str, Any]:
-    """Ask ``engine`` each question alone (greedy) and compare the stripped reply with the answer."""
+    """Ask ``engine`` each question alone (greedy) and compare the stripped reply with the answer;
+    tallied per kind and per what the split holds out ("problem": worked out; "phrasing": a
+    remembered fact asked in a new way)."""
     per_kind: dict[str, dict[str, float]] = {}
+    per_held_out: dict[str, dict[str, float]] = {}
     failures = []
     for qa in questions:
         # The answers are one line, so a newline ends the reply; a little more room than the
@@ -405,21 +447,22 @@ def exact_match(engine: Engine, questions: list[QA], max_failures: int = 10) -> 
         params = SamplingParams(temperature=0.0, max_new_tokens=room, stop=("\n",))
         prompt = engine.chat_prompt([{"role": "user", "content": qa.question}], room)
         reply = "".join(engine.stream(prompt.ids, params)).strip()
-        tally = per_kind.setdefault(qa.kind, {"correct": 0, "total": 0})
-        tally["total"] += 1
-        if reply == qa.answer:
-            tally["correct"] += 1
-        elif len(failures) < max_failures:
+        for tally in (per_kind.setdefault(qa.kind, {"correct": 0, "total": 0}),
+                      per_held_out.setdefault(qa.held_out, {"correct": 0, "total": 0})):
+            tally["total"] += 1
+            tally["correct"] += reply == qa.answer
+        if reply != qa.answer and len(failures) < max_failures:
             failures.append({"kind": qa.kind, "question": qa.question, "expected": qa.answer, "got": reply})
-    for tally in per_kind.values():
+    for tally in (*per_kind.values(), *per_held_out.values()):
         tally["accuracy"] = tally["correct"] / tally["total"]
     correct = sum(t["correct"] for t in per_kind.values())
     return {"n": len(questions), "correct": correct, "accuracy": correct / len(questions),
-            "per_kind": per_kind, "failures": failures}
+            "per_kind": per_kind, "per_held_out": per_held_out, "failures": failures}
 
 
 def evaluate_exact_match(model: str, n: int = 200, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Load ``model`` (any MODEL argument) and score it on ``n`` held-out single-turn questions:
-    ``{"n", "correct", "accuracy", "per_kind": {kind: {"correct", "total", "accuracy"}}, "failures"}``."""
+    ``{"n", "correct", "accuracy", "per_kind": {kind: {"correct", "total", "accuracy"}}, "per_held_out":
+    {"problem" | "phrasing": {...}}, "failures"}``."""
     engine = Engine(load_checkpoint(model, device), device)
     return {"model": str(model), **exact_match(engine, held_out_questions(n, seed))}
