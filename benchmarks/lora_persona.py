@@ -5,7 +5,7 @@ likes, ...) in many phrasings, each answered as "Quill", a librarian-owl assista
 phrasings are held out for validation and for the transcripts, so the "after" answers are to
 questions the adapter never saw.
 
-    python benchmarks/lora_persona.py [--max-steps 120] [--out runs/lora-persona]
+    python benchmarks/lora_persona.py [--max-steps 30] [--out runs/lora-persona]
 
 It prints the held-out questions answered before and after (greedy), the validation loss
 before and after, and the wall time of the fine-tuning.
@@ -81,7 +81,7 @@ def answers(model: str, questions: list[str]) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--max-steps", type=int, default=120)
+    p.add_argument("--max-steps", type=int, default=30)
     p.add_argument("--out", default="runs/lora-persona")
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
