@@ -99,11 +99,12 @@ class Engine:
     def chat_prompt(self, messages: list[dict[str, str]], max_new_tokens: int) -> ChatPrompt:
         """Render the conversation for the model; drop the oldest turns (after any system
         message) until it leaves room for the answer in the context window. The room kept is
-        ``max_new_tokens`` but at most half the window: a longer answer still completes, as
-        generation slides its window along past the end."""
+        ``max_new_tokens`` but at most a quarter of the window, so a small model's context is
+        mostly the conversation; a longer answer still completes, as generation slides its
+        window along past the end."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
-        budget = self.block_size - min(max_new_tokens, self.block_size // 2)
+        budget = self.block_size - min(max_new_tokens, self.block_size // 4)
         for dropped in range(len(turns)):
             text = render_chat(self.template, system + turns[dropped:], add_generation_prompt=True,
                                **self.template_vars)
