@@ -70,8 +70,8 @@ def test_files_folders_globs_and_jsonl(tmp_path):
     [
         (b"hello \xff world", ".txt", "offset 6"),
         (b"abc\x00def", ".txt", "binary"),
-        (b'{"text": 1}\n', ".jsonl", "line 1"),
-        (b"not json\n", ".jsonl", "line 1 is not valid JSON"),
+        (b'{"text": 1}\n', ".jsonl", ':1: no string field "text"'),
+        (b"not json\n", ".jsonl", ":1: not valid JSON"),
     ],
 )
 def test_bad_files_name_the_file_and_place(tmp_path, content, suffix, message):

@@ -281,3 +281,10 @@ def test_lora_on_smollm2_learns_a_persona_answer(tmp_path):
     engine = Engine(tuned)
     ids = engine.chat_prompt(convo[:1], 16).ids
     assert "Quill" in "".join(engine.stream(ids, SamplingParams(temperature=0.0, max_new_tokens=16)))
+
+
+def test_a_line_separator_inside_a_message_does_not_split_the_record(tmp_path):
+    convo = [{"role": "user", "content": "one\u2028two"}, {"role": "assistant", "content": "three\u2029four"}]
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": convo}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert sft.read_conversations(f) == [convo]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from gptlab.cache import atomic_write_text, cache_dir, download_url, fetch_pip_file, sha256_bytes, verified_cached
 from gptlab.errors import UserError
+from gptlab.data.jsonl import jsonl_records
 
 #: files in a folder or glob that are read as text; other files are skipped
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -127,17 +128,9 @@ def _decode(data: bytes, name: str, errors: str) -> str:
 
 def _read_jsonl(text: str, name: str) -> str:
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{name} line {lineno} is not valid JSON ({e.msg}); each line must be an object "
-                            'such as {"text": "..."}') from None
+    for where, row in jsonl_records(text, name, '{"text": "..."}'):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise UserError(f'{name} line {lineno} has no string field "text"; each line must be an object '
-                            'such as {"text": "..."}')
+            raise UserError(f'{where}: no string field "text"; each line must be an object such as {{"text": "..."}}')
         docs.append(row["text"])
     return DOC_SEPARATOR.join(docs)
 

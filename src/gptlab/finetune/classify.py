@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.config import TrainConfig
+from gptlab.data.jsonl import jsonl_records
 from gptlab.errors import UserError
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import Tokenizer, load_tokenizer_file
@@ -92,17 +93,7 @@ def _csv_rows(path: Path, text: str, delimiter: str) -> Iterator[tuple[str, Any,
 
 
 def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[str, Any, Any]]:
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters that
-    # splitlines() treats as line ends.
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one object "
-                            'such as {"text": "...", "label": "..."}') from None
+    for where, obj in jsonl_records(text, str(path), '{"text": "...", "label": "..."}'):
         if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
             got = f"keys {', '.join(obj)}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
             raise UserError(f'{where}: expected an object with "text" and "label", got {got}')

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from gptlab.data.jsonl import jsonl_records
 from gptlab.errors import UserError
 from gptlab.tokenizers import Tokenizer
 from gptlab.tokenizers.chat_template import render_chat
@@ -107,16 +108,8 @@ def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         return [_record_to_messages(r, f"{path} record {i + 1}") for i, r in enumerate(records)]
-    out = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
-                            "JSON object") from None
-        out.append(_record_to_messages(record, f"{path}:{n}"))
+    out = [_record_to_messages(record, where)
+           for where, record in jsonl_records(text, str(path), '{"messages": [...]}')]
     if not out:
         raise UserError(f"{path} holds no conversations")
     return out
