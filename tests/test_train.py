@@ -225,7 +225,7 @@ def test_cli_train_then_sample(corpus, tmp_path, capsys, monkeypatch):
     (["--block-size", "100000"], "fewer than block_size + 1"),
     (["--n-embd", "30", "--n-head", "4"], "n_embd=30 must be divisible by n_head=4"),
     (["--config", "missing.json"], "does not exist"),
-    (["--dtype", "fp16", "--device", "cpu"], "fp16 is for GPUs"),
+    (["--target-loss", "-1"], "--target-loss must be a positive number"),
 ])
 def test_bad_training_input_is_one_line(corpus, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -300,3 +300,20 @@ def test_resume_into_another_out_branches_the_run(corpus, tmp_path, capsys):
     assert main(resume + [str(tmp_path / "c")]) == 0
     assert ckpt.load_train_state(tmp_path / "c" / "last")[1]["step"] == 6
     assert ckpt.load_train_state(tmp_path / "a" / "last")[1]["step"] == 4  # the original run is untouched
+
+
+def test_unsupported_dtype_falls_back_with_one_warning(corpus, tmp_path, capsys):
+    code = main(["train", "--preset", "tiny", "--corpus", corpus, "--no-progress", "--max-steps", "2",
+                 "--dtype", "fp16", "--device", "cpu", "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(warnings) == 1 and "--dtype fp16 on cpu" in warnings[0]
+    assert "cpu fp32" in captured.out or "cpu bf16" in captured.out  # what auto picks on this CPU
+
+
+def test_target_loss_stops_at_the_first_evaluation_that_reaches_it(corpus, tmp_path):
+    model_cfg, train_cfg = tiny(corpus, max_steps=40, target_loss=50.0)  # any loss is below 50
+    result = loop.train(model_cfg, train_cfg, tmp_path / "run", show_progress=False)
+    assert result.stopped == "target_loss" and result.step == train_cfg.eval_interval
+    model_cfg, train_cfg = tiny(corpus, max_steps=16, target_loss=0.01)  # out of reach: runs to the end
+    assert loop.train(model_cfg, train_cfg, tmp_path / "run2", show_progress=False).stopped == "max_steps"

@@ -79,6 +79,9 @@ class TrainConfig:
     """Batches averaged per evaluation."""
     patience: int | None = None
     """Stop early after this many evaluations without a better validation loss."""
+    target_loss: float | None = None
+    """Stop at the first evaluation whose validation loss is at or below this: a finish line for
+    speed runs ("how fast can it reach 1.77?")."""
     log_interval: int = 10
     """Update the progress bar, metrics.csv and TensorBoard every this many steps."""
     sample_interval: int = 0
@@ -119,6 +122,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 out.append(f"{flag(name)} must be a positive whole number, got {v!r}")
+        if self.target_loss is not None and not (isinstance(self.target_loss, (int, float))
+                                                 and math.isfinite(self.target_loss) and self.target_loss > 0):
+            out.append(f"--target-loss must be a positive number, got {self.target_loss!r}")
         if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
             out.append(f"--max-time must be a positive number of seconds, got {self.max_time!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):

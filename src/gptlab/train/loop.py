@@ -46,7 +46,8 @@ from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed
 from gptlab.train.metrics import MetricsLogger, plot_loss
 from gptlab.train.optim import build_optimizer, lr_at, set_lr
-from gptlab.train.system import autocast, dtype_name, pick_device, pick_dtype
+from gptlab.train.system import (CompiledOrEager, autocast, dtype_name, pick_device, pick_dtype, to_device,
+                                 use_fast_matmuls)
 
 #: one micro-batch: tensors on the CPU, moved to the device by the loop
 Batch = tuple[torch.Tensor, ...]
@@ -101,7 +102,7 @@ class RunResult:
     run_dir: Path
     step: int
     tokens: int
-    #: why the run ended: max_steps, max_tokens, max_time, early_stopping, interrupted
+    #: why the run ended: max_steps, max_tokens, max_time, early_stopping, target_loss, interrupted
     stopped: str
     best_val_loss: float | None
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -206,7 +207,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn: Callable[[nn.M
     with torch.no_grad():
         for batch in batches:
             with autocast(device, dtype):
-                total += loss_fn(model, tuple(t.to(device) for t in batch)).float()
+                total += loss_fn(model, to_device(batch, device)).float()
             n += 1
     model.train(was_training)
     if n == 0:
@@ -265,6 +266,7 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
     distributed.check_same_settings({"train": cfg.to_dict(), "job": job.description}, d)
     device = distributed.device_for(d, pick_device(cfg.device))
     dtype = pick_dtype(cfg.dtype, device)
+    use_fast_matmuls(device)
     random.seed(cfg.seed)
     model = job.model.to(device)
     wrapped = distributed.wrap(model, d, cfg.fsdp)  # DDP, FSDP2 (in place) or the model itself
@@ -288,7 +290,7 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    fwd = torch.compile(wrapped) if cfg.compile else wrapped
+    fwd = CompiledOrEager(wrapped) if cfg.compile else wrapped
     metrics = MetricsLogger(run_dir) if d.is_main else None
 
     def say(text: str) -> None:
@@ -384,7 +386,7 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
                             else wrapped.no_sync()
                         with sync:
                             with autocast(device, dtype):
-                                loss = job.loss(fwd, tuple(t.to(device, non_blocking=True) for t in batch))
+                                loss = job.loss(fwd, to_device(batch, device))
                             (loss / cfg.grad_accum).backward()
                         loss_sum += loss.detach().float()
                         loss_count += 1
@@ -431,6 +433,11 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
                     if is_eval and cfg.patience is not None and evals_since_best >= cfg.patience:
                         stopped = "early_stopping"
                         say(f"no better validation loss in {cfg.patience} evaluations; stopping early")
+                        break
+                    if is_eval and cfg.target_loss is not None and last_eval["val_loss"] <= cfg.target_loss:
+                        stopped = "target_loss"
+                        say(f"validation loss {last_eval['val_loss']:.4f} reached --target-loss {cfg.target_loss} "
+                            f"at step {step}, {time.perf_counter() - t0:.1f} s into training; stopping")
                         break
                 if job.sample is not None and cfg.sample_interval and step % cfg.sample_interval == 0:
                     sample_start = time.perf_counter()
