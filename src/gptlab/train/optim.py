@@ -45,6 +45,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """The semi-orthogonal matrix nearest to ``g`` (its U V^T), approximately, by Newton-Schulz.
 
+    ``g`` is one matrix (m, n) or a stack of them (S, m, n), done together in batched matmuls.
     Each iteration maps every singular value s of X to a s + b s^3 + c s^5; with these
     coefficients (tuned for speed, not exactness) values in (0, 1] are pushed to about 0.7-1.2
     within 5 iterations, which is as good as exact for an update direction. Dividing by the
@@ -52,14 +53,14 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # work on the wide orientation: X X^T is then the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -69,6 +70,10 @@ class Muon(torch.optim.Optimizer):
     direction g + momentum * m, orthogonalised and scaled by sqrt(max(1, out / in)) so that
     its size per element does not depend on the shape; W -= lr * update (after decoupled weight
     decay). AdamW groups follow torch.optim.AdamW exactly.
+
+    Small models make many small tensors, where per-operation overhead, not arithmetic, costs
+    the time; so every update runs on all of a group's tensors at once (``torch._foreach_*``), and
+    the matrices of one shape (the same projection in every block) are orthogonalised as one stack.
     """
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
@@ -80,34 +85,59 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if wd:
-                    p.mul_(1 - lr * wd)
-                if group["muon"]:
-                    if "momentum" not in state:
-                        state["momentum"] = torch.zeros_like(p)
-                    m = state["momentum"]
-                    m.mul_(group["momentum"]).add_(p.grad)
-                    direction = p.grad.add(m, alpha=group["momentum"])  # Nesterov
-                    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    p.add_(orthogonalize(direction).to(p.dtype), alpha=-lr * scale)
-                else:
-                    if "step" not in state:
-                        state["step"] = torch.zeros((), dtype=torch.float32)
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    beta1, beta2 = group["betas"]
-                    state["step"] += 1
-                    t = state["step"].item()
-                    state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                    denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            if group["muon"]:
+                self._muon_update(group, params)
+            else:
+                self._adamw_update(group, params)
         return loss
+
+    def _muon_update(self, group: dict, params: list[torch.Tensor]) -> None:
+        momentum = group["momentum"]
+        grads = [p.grad for p in params]
+        bufs = []
+        for p in params:
+            if "momentum" not in self.state[p]:
+                self.state[p]["momentum"] = torch.zeros_like(p)
+            bufs.append(self.state[p]["momentum"])
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        directions = torch._foreach_add(grads, bufs, alpha=momentum)  # Nesterov
+        by_shape: dict[torch.Size, list[int]] = {}
+        for i, d in enumerate(directions):
+            by_shape.setdefault(d.shape, []).append(i)
+        for shape, idx in by_shape.items():
+            ortho = orthogonalize(torch.stack([directions[i] for i in idx]))  # (S, out, in)
+            scale = max(1.0, shape[0] / shape[1]) ** 0.5
+            for j, i in enumerate(idx):
+                params[i].add_(ortho[j].to(params[i].dtype), alpha=-group["lr"] * scale)
+
+    def _adamw_update(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        states = [self.state[p] for p in params]
+        for state in states:
+            state["step"] += 1  # a CPU scalar, as in torch's AdamW: reading it never waits for a GPU
+        t = [state["step"].item() for state in states]
+        grads = [p.grad for p in params]
+        exp_avg = [state["exp_avg"] for state in states]
+        exp_avg_sq = [state["exp_avg_sq"] for state in states]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        denom = torch._foreach_div(exp_avg_sq, [1 - beta2 ** n for n in t])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avg, denom, [-group["lr"] / (1 - beta1 ** n) for n in t])
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
