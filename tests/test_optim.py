@@ -23,6 +23,27 @@ def test_orthogonalize_gives_the_polar_direction(shape):
     assert cos > 0.95
 
 
+def plain_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The textbook iteration on X itself, to check the faster one against."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.T if g.size(0) > g.size(1) else g
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (96, 24), (32, 48)])  # long sides 4x, 4x, 1.5x the short
+def test_orthogonalize_matches_the_plain_iteration_alone_and_stacked(shape):
+    gs = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
+    stacked = orthogonalize(gs)
+    for g, o in zip(gs, stacked):
+        expected = plain_newton_schulz(g)
+        torch.testing.assert_close(orthogonalize(g), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(o, expected, atol=1e-5, rtol=1e-4)
+
+
 def tiny_model(seed: int = 0) -> GPT:
     # No biases: a key bias has a true gradient of 0 (softmax ignores a shift of all scores), so its
     # float noise, scaled up by Adam, would differ between any two correct implementations.
