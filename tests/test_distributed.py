@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from gptlab.train.distributed import read_sharded_metadata
 from gptlab.train.metrics import read_metrics
 
 TEXT = "".join(f"{who}: {line}\n" for who, line in [
@@ -110,7 +112,10 @@ def test_fsdp_matches_one_process_and_resumes_with_another_process_count(workdir
     assert "2 processes (FSDP)" in fsdp.stdout + fsdp.stderr
     torch.testing.assert_close(losses(workdir / "fsdp"), losses(workdir / "one"), rtol=1e-4, atol=1e-4)
     assert_same_weights(workdir / "fsdp", workdir / "one")
-    assert (workdir / "fsdp" / "last" / "distributed" / ".metadata").is_file()  # the sharded optimizer state
+    # The sharded optimizer state: tensors and an index that reads without unpickling anything else.
+    index = read_sharded_metadata(workdir / "fsdp" / "last" / "distributed")
+    assert index.state_dict_metadata and all(isinstance(v, TensorStorageMetadata)
+                                             for v in index.state_dict_metadata.values())
 
     # Stop after 10 steps on 2 processes, finish on 1: the same as 20 steps straight.
     gptlab("train", *TRAIN, "--corpus", "c.txt", "--batch-size", "4", "--out", "split", "--fsdp",

@@ -52,21 +52,37 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync(tmp_path)
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    _fsync(dest.parent)  # the rename itself, so a power cut cannot undo it
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (its renames), from the page cache to disk."""
+    try:
+        # Windows flushes only files open for writing; a folder opens only read-only.
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+    except OSError:  # folders cannot be opened on Windows, whose renames need no flush
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder; when the block succeeds it replaces ``dest`` whole.
 
-    The old ``dest`` is first renamed to ``.NAME.old`` and removed only after the new one is in
-    place. A crash between the two renames leaves ``.NAME.old`` behind, which
-    ``recover_dir`` puts back, so a reader sees the old folder or the new one, never a mixture.
+    Every file in it is flushed to disk first. The old ``dest`` is then renamed to ``.NAME.old``
+    and removed only after the new one is in place. A crash between the two renames leaves
+    ``.NAME.old`` behind, which ``recover_dir`` puts back, so a reader sees the old folder or the
+    new one, never a mixture, and a crash at any moment (kill -9, power cut) leaves one of them.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -76,14 +92,28 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(Path(root, name))
+            _fsync(Path(root))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     recover_dir(dest)
     shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
+    for _ in range(3):
+        if dest.exists():
+            dest.rename(old)
+        try:
+            tmp.rename(dest)
+            break
+        except OSError:
+            # A reader's recover_dir put the old folder back between our two renames: go again.
+            if not (dest.exists() and tmp.is_dir()):
+                raise
+    else:
+        raise OSError(f"could not move {tmp} into place as {dest}: the folder keeps reappearing")
+    _fsync(dest.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -92,7 +122,11 @@ def recover_dir(dest: str | os.PathLike) -> None:
     dest = Path(dest)
     old = dest.with_name(f".{dest.name}.old")
     if not dest.exists() and old.is_dir():
-        old.rename(dest)
+        try:
+            old.rename(dest)
+        except OSError:
+            if not dest.exists():  # else a writer finished its swap meanwhile: nothing to undo
+                raise
 
 
 def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
@@ -104,8 +138,15 @@ def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(dest, text.encode("utf-8"))
 
 
+def write_json(dest: str | os.PathLike, obj: object) -> None:
+    """Write ``obj`` as indented UTF-8 JSON, plainly: for files inside an ``atomic_dir`` folder,
+    which is already put in place whole."""
+    Path(dest).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def atomic_write_json(dest: str | os.PathLike, obj: object) -> None:
-    atomic_write_text(dest, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    with atomic_path(dest) as tmp:
+        write_json(tmp, obj)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -144,6 +185,7 @@ def _finish_fetch(tmp: Path, dest: Path, expected_sha256: str | None, what: str)
             f"{what}: sha256 {digest[:16]}... does not match the expected {expected_sha256[:16]}...; "
             "the download is corrupt or the file changed upstream, try again or supply the file by hand"
         )
+    _fsync(tmp)
     os.replace(tmp, dest)
     # The sidecar is written last: its presence is what marks the fetch as complete.
     atomic_write_text(_sidecar(dest), digest + "\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptlab.cache import atomic_dir, atomic_write_json, recover_dir, sha256_bytes
+from gptlab.cache import atomic_dir, recover_dir, sha256_bytes, write_json
 from gptlab.data.sources import Corpus, load_corpus
 from gptlab.errors import UserError
 from gptlab.tokenizers import Tokenizer, build_tokenizer, load_tokenizer_file
@@ -105,6 +105,7 @@ def _inputs_key(corpus: Corpus, tokenizer_spec: str, val_fraction: float) -> dic
 
 def load_prepared(path: str | Path) -> PreparedData:
     path = Path(path)
+    recover_dir(path)  # a prepare killed between its two renames leaves the previous result as .NAME.old
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise UserError(f"{path} is not a prepared dataset (no meta.json); create one with gptlab prepare")
@@ -183,7 +184,7 @@ def prepare(corpus_spec: str, tokenizer_spec: str, out: str | Path, val_fraction
             "train_bytes": len(train_text.encode("utf-8")),
             "val_bytes": len(val_text.encode("utf-8")),
         }
-        atomic_write_json(tmp / "meta.json", meta)
+        write_json(tmp / "meta.json", meta)
     print(f"wrote {out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
           f"({meta['dtype']}, vocabulary {tokenizer.vocab_size:,})")
     return PreparedData(out, meta)

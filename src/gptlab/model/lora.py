@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gptlab.cache import atomic_dir, atomic_write_json, recover_dir
+from gptlab.cache import atomic_dir, recover_dir, write_json
 from gptlab.errors import UserError
 from gptlab.model.config import _is_int, _is_number
 from gptlab.model.transformer import GPT
@@ -275,11 +275,11 @@ def save_adapter(path: str | Path, model: GPT, cfg: LoRAConfig, base_model: str,
     meta = {**cfg.to_dict(), "base_model": base_model, "base_fingerprint": base_fingerprint(model)}
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
-        atomic_write_json(tmp / ADAPTER_CONFIG, meta)
+        write_json(tmp / ADAPTER_CONFIG, meta)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
         if train_config is not None:
-            atomic_write_json(tmp / TRAIN_CONFIG, train_config)
+            write_json(tmp / TRAIN_CONFIG, train_config)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptlab.cache import atomic_dir, atomic_write_json, recover_dir
+from gptlab.cache import atomic_dir, recover_dir, write_json
 from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT
@@ -52,7 +52,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, train_co
     """Write a checkpoint directory; it replaces ``path`` only once completely written.
 
     ``extra_json`` maps more file names to JSON values written with the rest, such as a chat
-    model's template and special tokens (``{CHAT_CONFIG: {...}}``) or a classifier's classes.
+    model's template and special tokens (``{CHAT_CONFIG: {...}}``) or a classifier's classes;
+    a ``bytes`` value is written as it is (a side file copied from an imported model).
     ``state_dict`` stands in for the model's own (FSDP gathers the weights of a sharded model);
     ``folders`` ({name: existing folder}) are moved into the checkpoint before it is put in place."""
     state = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
@@ -60,14 +61,17 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, train_co
         del state["lm_head.weight"]  # the same tensor as embed_tokens.weight
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / WEIGHTS))
-        atomic_write_json(tmp / MODEL_CONFIG, model.config.to_dict())
+        write_json(tmp / MODEL_CONFIG, model.config.to_dict())
         tokenizer.save(tmp / TOKENIZER)
         if train_config is not None:
-            atomic_write_json(tmp / TRAIN_CONFIG, train_config)
+            write_json(tmp / TRAIN_CONFIG, train_config)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
         for name, value in (extra_json or {}).items():
-            atomic_write_json(tmp / name, value)
+            if isinstance(value, bytes):
+                (tmp / name).write_bytes(value)
+            else:
+                write_json(tmp / name, value)
         for name, folder in (folders or {}).items():
             Path(folder).rename(tmp / name)
 
@@ -192,7 +196,9 @@ def load_train_state(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The saved train config and train state; refuses anything that is not plain data."""
     f = ckpt_dir / TRAIN_STATE
     if not f.is_file():
-        raise UserError(f"{ckpt_dir} has no {TRAIN_STATE}, so training cannot resume from it")
+        hint = ("; the run stopped before it wrote last/, so start it again (same --out, with --force)"
+                if ckpt_dir.name == "best" else "")
+        raise UserError(f"{ckpt_dir} has no {TRAIN_STATE}, so training cannot resume from it{hint}")
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,11 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, d: Dist) -> None:
-    """Every rank writes its shard of the optimizer state into ``folder`` (a distributed checkpoint)."""
+    """Every rank writes its shard of the optimizer state into ``folder`` (a distributed checkpoint).
+
+    Only the per-parameter tensors (moments, step counts) are saved: the hyperparameters in
+    ``param_groups`` come from the run's settings on resume, and leaving them out means the
+    checkpoint holds no pickled Python values, only tensors and the ``.metadata`` index."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -177,18 +182,101 @@ def save_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, f
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     barrier()
-    dcp.save({"optimizer": state}, checkpoint_id=str(folder))
+    dcp.save({"optimizer": {"state": state["state"]}}, checkpoint_id=str(folder))
     barrier()
 
 
+def _describe(e: BaseException) -> str:
+    """An exception as one short line, for a UserError."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads a distributed checkpoint's ``.metadata`` (a pickle) allowing only the classes such an
+    index is made of; any other global, the thing a hostile pickle needs to run code, is refused."""
+
+    ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "TensorStorageMetadata",
+                                                  "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                                  "StorageMeta", "_MEM_FORMAT_ENCODING"},
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},  # looks a name up among torch's layouts, nothing else
+        "torch": {"Size"},
+        "pathlib": {"Path", "PosixPath", "WindowsPath"},  # the folder it was saved to
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in self.ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name}")
+
+
+def read_sharded_metadata(folder: Path) -> Any:
+    """The checked ``Metadata`` of the distributed checkpoint in ``folder``: read without running
+    code from the file, its optimizer entries all tensors (a pickled value is never loaded), and
+    its data files plain names inside ``folder``."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+
+    f = folder / ".metadata"
+    try:
+        with open(f, "rb") as stream:
+            metadata = _MetadataUnpickler(stream).load()
+    except FileNotFoundError:
+        raise UserError(f"{f} is missing; the sharded optimizer state is incomplete, resume from another "
+                        "checkpoint") from None
+    except Exception as e:  # UnpicklingError, EOFError, ValueError, ... for damaged or hostile files
+        raise UserError(f"{f} cannot be loaded safely ({_describe(e)}); it is corrupt or not a gptlab sharded "
+                        "optimizer state") from None
+    storage = getattr(metadata, "storage_data", None)
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not (isinstance(metadata, Metadata) and isinstance(storage, dict) and isinstance(entries, dict)):
+        raise UserError(f"{f} is not a distributed checkpoint index; the sharded optimizer state is corrupt")
+    odd = [k for k, v in entries.items() if str(k).startswith("optimizer.state.")
+           and not isinstance(v, TensorStorageMetadata)]
+    for index, info in storage.items():
+        if not (isinstance(index, MetadataIndex) and isinstance(info, _StorageInfo)
+                and isinstance(info.relative_path, str) and Path(info.relative_path).name == info.relative_path
+                and info.relative_path not in ("", ".", "..") and not info.transform_descriptors):
+            odd.append(str(getattr(index, "fqn", index)))
+    if odd:
+        raise UserError(f"{f} describes entries gptlab does not write ({', '.join(odd[:3])}); refusing to load the "
+                        "sharded optimizer state")
+    return metadata
+
+
 def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Load a sharded optimizer state saved by any number of processes into this run's shards."""
+    """Load a sharded optimizer state saved by any number of processes into this run's shards.
+
+    ``torch.distributed.checkpoint`` would unpickle ``.metadata`` with the full unpickler; it
+    gets the index read and checked by ``read_sharded_metadata`` instead, and then reads only
+    tensors (with ``torch.load(weights_only=True)``)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import StorageMeta
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     if not folder.is_dir():
         raise UserError(f"{folder.parent} has no {SHARDS}/ optimizer state: it was not saved with --fsdp; resume it "
                         "without --fsdp")
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    metadata = read_sharded_metadata(folder)
+
+    class CheckedReader(dcp.FileSystemReader):
+        def read_metadata(self) -> Any:
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
+            return metadata
+
+    current = get_optimizer_state_dict(model, optimizer)
+    state = {"optimizer": {"state": current["state"]}}
+    try:
+        dcp.load(state, storage_reader=CheckedReader(str(folder)))
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        raise UserError(f"{folder} cannot be loaded into this model's optimizer ({_describe(cause)}); it is "
+                        "corrupt or from another model") from None
+    set_optimizer_state_dict(model, optimizer, {"state": state["optimizer"]["state"],
+                                                "param_groups": current["param_groups"]})

@@ -449,13 +449,17 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
     sample = ""
     try:
         if step > start_step and step % cfg.eval_interval != 0 and step != cfg.max_steps:
-            # Stopped between evaluations (tokens, time, Ctrl-C): evaluate and save where we are.
-            last_eval = run_eval()
-            if metrics is not None:
-                metrics.log({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.perf_counter() - t0, 3),
-                             **last_eval})
+            if stopped != "interrupted":
+                # Stopped between evaluations (tokens, time): evaluate and save where we are.
+                last_eval = run_eval()
+                if metrics is not None:
+                    metrics.log({"step": step, "tokens": tokens_seen,
+                                 "elapsed_s": round(time.perf_counter() - t0, 3), **last_eval})
+            # Ctrl-C or SIGTERM saves at once, without evaluating: a SIGTERM is often followed by a SIGKILL
+            # after a grace period, and an evaluation would count towards best/ and --patience, so the
+            # resumed run would not be the one an uninterrupted run is.
             save_last()
-        if job.sample is not None:
+        if job.sample is not None and stopped != "interrupted":
             sample = job.sample(model)
             if d.is_main:
                 with (run_dir / "samples.txt").open("a") as f:

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptlab.cache import atomic_dir, atomic_write_json
+from gptlab.cache import atomic_dir, write_json
 from gptlab.errors import UserError
 from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
 from gptlab.weights import check_state_dict
@@ -320,14 +320,12 @@ def import_hf(path: str | Path, dtype: str = "fp32"):
 
 
 def save_imported(ckpt, out: str | Path, source: Path) -> None:
-    """Write an imported model as a gptlab checkpoint directory, keeping its side files."""
+    """Write an imported model as a gptlab checkpoint directory, keeping its side files (written
+    with the rest, so an interrupted import never leaves a checkpoint without its chat template)."""
     from gptlab.train.checkpoint import save_checkpoint
 
-    out = Path(out)
-    save_checkpoint(out, ckpt.model, ckpt.tokenizer)
-    for name in SIDE_FILES:
-        if (source / name).is_file():
-            (out / name).write_bytes((source / name).read_bytes())
+    side = {name: (source / name).read_bytes() for name in SIDE_FILES if (source / name).is_file()}
+    save_checkpoint(out, ckpt.model, ckpt.tokenizer, extra_json=side)
 
 
 def export_hf(ckpt, out: str | Path, family: str = "gpt2") -> None:
@@ -353,17 +351,17 @@ def export_hf(ckpt, out: str | Path, family: str = "gpt2") -> None:
     hf = ours_to_hf(state, family, ckpt.config)
     with atomic_dir(out) as tmp:
         save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(tmp / "config.json", FAMILIES[family].config_out(ckpt.config, ckpt.tokenizer.special_tokens))
-        atomic_write_json(tmp / "tokenizer.json", to_hf_json(ckpt.tokenizer))
+        write_json(tmp / "config.json", FAMILIES[family].config_out(ckpt.config, ckpt.tokenizer.special_tokens))
+        write_json(tmp / "tokenizer.json", to_hf_json(ckpt.tokenizer))
         for name in SIDE_FILES:
             src = Path(ckpt.path) / name
             if src.is_file():
                 (tmp / name).write_bytes(src.read_bytes())
         if not (tmp / "tokenizer_config.json").exists():
             eos = next(iter(ckpt.tokenizer.special_tokens), None)
-            atomic_write_json(tmp / "tokenizer_config.json",
-                              {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.config.block_size,
-                               **({"eos_token": eos, "bos_token": eos} if eos else {})})
+            write_json(tmp / "tokenizer_config.json",
+                       {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.config.block_size,
+                        **({"eos_token": eos, "bos_token": eos} if eos else {})})
 
 
 def download_hf(spec: str) -> Path:
