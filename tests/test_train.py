@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import signal
@@ -317,3 +318,13 @@ def test_target_loss_stops_at_the_first_evaluation_that_reaches_it(corpus, tmp_p
     assert result.stopped == "target_loss" and result.step == train_cfg.eval_interval
     model_cfg, train_cfg = tiny(corpus, max_steps=16, target_loss=0.01)  # out of reach: runs to the end
     assert loop.train(model_cfg, train_cfg, tmp_path / "run2", show_progress=False).stopped == "max_steps"
+
+
+def test_fast_preset_trains_with_its_speedrun_options(corpus, tmp_path):
+    model_cfg, train_cfg = resolve_config("shakespeare-char-fast", train_overrides={
+        "corpus": corpus, "max_steps": 4, "warmup_steps": 1, "eval_interval": 2, "eval_batches": 2})
+    assert (model_cfg.pos_embedding, model_cfg.norm, model_cfg.mlp, train_cfg.optimizer) == \
+        ("rope", "rmsnorm", "relu2", "muon")
+    assert model_cfg.qk_norm and model_cfg.zero_init_residual and not model_cfg.tie_embeddings
+    result = loop.train(model_cfg, train_cfg, tmp_path / "fast", show_progress=False)
+    assert result.step == 4 and result.last_eval["val_loss"] < math.log(model_cfg.vocab_size)

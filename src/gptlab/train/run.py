@@ -12,12 +12,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gptlab.config import DEFAULT_PRESET, PRESETS, TrainConfig, load_config_file, resolve_config
 from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
 from gptlab.train import checkpoint as ckpt
+
+if TYPE_CHECKING:  # the loop imports torch; commands that only parse flags should not pay for it
+    from gptlab.train.loop import RunResult
 
 RUN_MARKERS = ("last", "best", "metrics.csv")
 
@@ -79,6 +82,13 @@ def _resume_configs(run_dir: Path, preset: str | None, config_file: str | None,
     return saved_model, train_cfg
 
 
+def summary_line(result: RunResult, took: float) -> str:
+    """One line on how a run ended: why, where, how long, and its best validation loss."""
+    best = "" if result.best_val_loss is None else f"; best validation loss {result.best_val_loss:.4f}"
+    return (f"{result.stopped.replace('_', ' ')} after {result.step} steps ({result.tokens:,} tokens) in "
+            f"{took:.0f} s{best}")
+
+
 def run_training(preset: str | None = None, config_file: str | None = None, out: str | None = None,
                  resume: str | None = None, force: bool = False, model_overrides: dict[str, Any] | None = None,
                  train_overrides: dict[str, Any] | None = None, show_progress: bool = True) -> int:
@@ -132,10 +142,9 @@ def run_training(preset: str | None = None, config_file: str | None = None, out:
     code = 130 if result.stopped == "interrupted" else 0
     if quiet:
         return code
-    print(f"\n--- sample ---\n{result.sample}\n--------------")
-    best = "" if result.best_val_loss is None else f"; best validation loss {result.best_val_loss:.4f}"
-    print(f"{result.stopped.replace('_', ' ')} after {result.step} steps ({result.tokens:,} tokens) in {took:.0f} s"
-          f"{best}")
+    if result.sample:  # none after Ctrl-C or SIGTERM, which save and stop at once
+        print(f"\n--- sample ---\n{result.sample}\n--------------")
+    print(summary_line(result, took))
     print(f"checkpoint: {ckpt.resolve_checkpoint(run_dir)}   (metrics.csv, loss.png and samples.txt in {run_dir})")
     if code:
         print(f"resume with: gptlab train --resume {run_dir}", file=sys.stderr)
