@@ -422,21 +422,51 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
 
 # --- gptlab serve --------------------------------------------------------------------------
 
+#: ``gptlab serve`` flags that set a field of ``gptlab.serve.app.Limits`` (the help repeats its defaults)
+SERVE_LIMIT_FLAGS = {"max_body_bytes": "largest request body in bytes (default: 1048576); more gets 413",
+                     "max_messages": "most messages in one chat request (default: 256)",
+                     "max_input_chars": "most characters of input: all message contents, or a prompt "
+                                        "(default: 100000)",
+                     "max_tokens": "largest max_tokens a request may ask for (default: 4096)"}
+
+
 def _serve(args: argparse.Namespace) -> None:
     from gptlab.serve import run_server
+    from gptlab.serve.app import Limits
 
-    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device)
+    limits = Limits(**{name: getattr(args, name) for name in SERVE_LIMIT_FLAGS if getattr(args, name) is not None})
+    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, limits=limits,
+               max_concurrency=args.max_concurrency, max_queue=args.max_queue, shutdown_grace=args.shutdown_grace)
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
+    def at_least_zero(kind: type):  # an argparse type: ``kind`` (int or float), 0 allowed
+        def parse(s: str) -> int | float:
+            try:
+                v = kind(s)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+            if not 0 <= v < float("inf"):
+                raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
+            return v
+        return parse
+
     p = sub.add_parser("serve", help="serve a model: a chat web page and an OpenAI-compatible API",
                        description="A chat page at / and an OpenAI-compatible API at /v1 (models, chat/completions, "
-                                   "completions; streaming or not).")
+                                   "completions; streaming or not). SIGTERM or Ctrl-C stops it gracefully.")
     add_chat_model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--max-concurrency", type=_positive_int, default=1, help="generations run at once (default: 1)")
+    p.add_argument("--max-queue", type=at_least_zero(int), default=8,
+                   help="requests that may wait for a turn; more get 503 (default: 8)")
+    p.add_argument("--shutdown-grace", type=at_least_zero(float), default=5.0,
+                   help="seconds that running answers get to finish on SIGTERM or Ctrl-C before they are cut "
+                        "(default: 5)")
+    for name, help_text in SERVE_LIMIT_FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=_positive_int, default=None, help=help_text)
     p.set_defaults(func=_serve)
 
 
@@ -462,9 +492,9 @@ def _finetune_out(args: argparse.Namespace, kind: str) -> "Path":
 
 
 def _report_finetune(result, took: float, what: str) -> int:
-    best = "" if result.best_val_loss is None else f"; best validation loss {result.best_val_loss:.4f}"
-    print(f"{result.stopped.replace('_', ' ')} after {result.step} steps ({result.tokens:,} tokens) in {took:.0f} s"
-          f"{best}")
+    from gptlab.train.run import summary_line
+
+    print(summary_line(result, took))
     print(f"{what}: {result.run_dir / 'best'}   (metrics.csv and loss.png in {result.run_dir})")
     return 130 if result.stopped == "interrupted" else 0
 
