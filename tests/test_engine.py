@@ -86,6 +86,38 @@ def test_padded_generation_cached_uncached_and_alone_agree(variant):
     assert len({tuple(row) for row in cached}) == len(PROMPTS)
 
 
+@pytest.mark.parametrize("variant", ["llama", "mistral"])
+def test_padded_generation_with_a_static_cache_and_a_traced_step_agrees(variant):
+    model = model_of(variant)
+    idx, mask = left_pad(PROMPTS)
+
+    def greedy() -> list[list[int]]:
+        return torch.stack(list(generate(model, idx, 16, temperature=0, attention_mask=mask)), dim=1).tolist()
+
+    growing = greedy()
+    torch._dynamo.reset()
+    # dynamo's "eager" backend: the step traced into one graph (fullgraph) and run by torch
+    # ops, which checks the static path's padding masks without a C++ build.
+    model.compile_decode(backend="eager")
+    assert model.new_kv_cache().static
+    assert greedy() == growing
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_engine_compile_gives_the_eager_answers():
+    eager = engine_of("llama")
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    expected = eager.generate_batch(PROMPTS, params)
+    torch._dynamo.reset()
+    compiled = Engine(SimpleNamespace(model=model_of("llama"), tokenizer=CHARS, config=eager.model.config, path=".",
+                                      tokenizer_config=None), compile=True)
+    assert compiled.model.compiled_decode is not None
+    assert compiled.generate_batch(PROMPTS, params) == expected
+    assert [run_stream(compiled, p, params)[1] for p in PROMPTS[:2]] == expected[:2]
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_generate_batch_equals_each_prompt_alone_and_stops_each_on_its_own(variant):
     engine = engine_of(variant)

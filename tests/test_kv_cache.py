@@ -1,4 +1,5 @@
-"""The KV cache: cached generation must give exactly what uncached generation gives."""
+"""The KV cache: cached generation must give exactly what uncached generation gives, with a
+growing cache, a static one, and a compiled decode step over a static one."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ VARIANTS = {
     "llama-learned-positions": ("llama", {"n_kv_head": 2, "pos_embedding": "learned"}),
     "qwen2": ("qwen2", {"n_kv_head": 2}),
     "mistral": ("mistral", {"n_kv_head": 1, "sliding_window": 8}),
+    "llama-alibi": ("llama", {"n_kv_head": 2, "pos_embedding": "alibi"}),
 }
 
 
@@ -64,13 +66,14 @@ def test_cached_and_uncached_greedy_generation_agree(variant):
     assert len(set(cached[0])) > 1  # not a degenerate repetition that would hide errors
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
 @pytest.mark.parametrize("attn_impl", ["sdpa", "reference"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_prefill_and_decode_logits_equal_full_forward(variant, attn_impl):
+def test_prefill_and_decode_logits_equal_full_forward(variant, attn_impl, static):
     model = model_of(variant, attn_impl=attn_impl)
     idx = tokens(2, 32)
     full, _ = model(idx)
-    cache = model.new_kv_cache()
+    cache = model.new_kv_cache(static=static)
     # A prefill of 10, a chunk of 3 new queries against cached keys, then single tokens.
     pieces = [idx[:, :10], idx[:, 10:13]] + [idx[:, t : t + 1] for t in range(13, 32)]
     logits = [model(piece, kv_cache=cache)[0] for piece in pieces]
@@ -130,3 +133,78 @@ def test_cache_limits_are_user_errors():
         model(tokens(1, 1), kv_cache=cache)
     with pytest.raises(UserError, match="block_size=32"):
         KVCache(model.config, max_len=33)
+
+
+def test_static_cache_attends_over_every_slot_with_fixed_shapes():
+    model = model_of("llama")
+    cache = model.new_kv_cache(max_len=20, static=True)
+    seen = []
+    attn = model.layers[0].self_attn
+    update = cache.update
+
+    def spy(layer, k, v):
+        keys, values = update(layer, k, v)
+        if layer == attn.layer_idx:
+            seen.append(tuple(keys.shape))
+        return keys, values
+
+    cache.update = spy
+    idx = tokens(1, 12)
+    model(idx[:, :9], kv_cache=cache)
+    for t in range(9, 12):
+        model(idx[:, t : t + 1], kv_cache=cache)
+    assert seen == [(1, 2, 20, 16)] * 4  # every call sees all 20 slots, written or not
+    assert cache.length == 12 and int(cache.position) == 12
+    cache.reset()
+    assert int(cache.position) == 0
+
+
+def compile_counting_graphs(model: GPT) -> list:
+    """Compile the decode step with a backend that records each graph dynamo makes and runs it
+    eagerly: tracing without inductor's C++ build, so it is fast."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model.compile_decode(backend=backend)
+    return graphs
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral"])
+def test_compiled_decode_is_one_graph_for_every_step_and_gives_the_same_tokens(variant):
+    model = model_of(variant)
+    prompt = tokens(2, 5)
+    eager = greedy(model, prompt, 20, use_cache=True)
+    graphs = compile_counting_graphs(model)
+    calls = record_calls(model)
+    assert greedy(model, prompt, 20, use_cache=True) == eager
+    assert calls == [(5, True)] + [(1, True)] * 19
+    assert len(graphs) == 1  # 19 decode steps, one graph: no step recompiled
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_inductor_compiled_decode_matches_eager(variant):
+    model = model_of(variant)
+    prompt = tokens(1, 6)
+    eager = greedy(model, prompt, 16, use_cache=True)
+    eager_cache = model.new_kv_cache()
+    with torch.no_grad():
+        eager_logits = [model(prompt, kv_cache=eager_cache)[0]]
+    torch._dynamo.reset()
+    model.compile_decode()
+    assert greedy(model, prompt, 16, use_cache=True) == eager
+    cache = model.new_kv_cache()
+    assert cache.static
+    with torch.no_grad():  # the compiled step serves inference only
+        logits = [model(prompt, kv_cache=cache)[0]]
+        for t in eager[0][:8]:
+            step = torch.tensor([[t]])
+            eager_logits.append(model(step, kv_cache=eager_cache)[0])
+            logits.append(model(step, kv_cache=cache)[0])
+    torch.testing.assert_close(torch.cat(logits, 1), torch.cat(eager_logits, 1), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()

@@ -4,6 +4,12 @@ Without a cache every new token reruns the model over all earlier tokens, althou
 and values never change (attention is causal). The cache keeps them: the prompt is run once
 ("prefill", many tokens), then each new token attends to the stored keys and values plus its
 own ("decode", one token).
+
+A *static* cache keeps every shape fixed: each layer attends over all ``max_len`` slots, with the
+slots not yet written hidden by the causal mask (they lie after every query), and new keys are
+written at a position held in a tensor, not a Python int. A one-token decode step then has the
+same shapes at every length, so ``torch.compile`` builds it once (fixed shapes are also what
+CUDA graphs need); a growing cache would change shape, and so recompile, every step.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ class KVCache:
 
     A forward pass with the cache calls ``update`` once per layer with its new keys and values,
     then ``advance`` with the number of new tokens; ``length`` counts the tokens stored.
+    With ``static``, ``update`` returns all ``max_len`` slots (see the module's docstring).
     """
 
-    def __init__(self, config: ModelConfig, max_len: int | None = None) -> None:
+    def __init__(self, config: ModelConfig, max_len: int | None = None, static: bool = False) -> None:
         max_len = config.block_size if max_len is None else max_len
         if not 0 < max_len <= config.block_size:
             raise UserError(
@@ -37,6 +44,10 @@ class KVCache:
         self.max_len = max_len
         self.keys: torch.Tensor | None = None  # (n_layer, B, K, max_len, D)
         self.values: torch.Tensor | None = None
+        self.static = static
+        # () int64 on the cache's device, equal to length: where a static update writes. A
+        # compiled step reads it as a tensor, so a new length is new data, not a new graph.
+        self.position: torch.Tensor | None = None
         self._length = 0
 
     @property
@@ -47,22 +58,35 @@ class KVCache:
     def reset(self) -> None:
         """Forget every stored token (the memory is kept for the next prompt)."""
         self._length = 0
+        if self.position is not None:
+            self.position.zero_()
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store layer ``layer``'s new keys and values (B, K, T, D) after the ones already there;
-        return all of them, (B, K, length + T, D) views into the cache."""
+        return all of them, (B, K, length + T, D) views into the cache, or with ``static`` all
+        (B, K, max_len, D) slots, of which those after the last new token are stale or zero."""
         B, K, T, D = k.shape
         if self.keys is None:
             shape = (self.n_layer, B, K, self.max_len, D)
             self.keys = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.values = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            self.position = torch.tensor(self._length, device=k.device)
         if B != self.keys.size(1):
             raise UserError(
                 f"this KV cache holds {self.keys.size(1)} sequences, not {B}; make a new cache "
                 "for another batch size"
             )
+        if self.static:
+            # Index the whole tensor (an index_put_ on it), not a view of the layer's slice:
+            # inductor then writes in place, where through a view it copied the whole cache
+            # twice per step. The indexed dims (layer, slot) broadcast to (T,) and come first.
+            slots = self.position + torch.arange(T, device=k.device)  # (T,)
+            at = (torch.tensor([layer], device=k.device), slice(None), slice(None), slots)
+            self.keys[at] = k.permute(2, 0, 1, 3)  # (T, B, K, D)
+            self.values[at] = v.permute(2, 0, 1, 3)
+            return self.keys[layer], self.values[layer]
         end = self._length + T
         self.keys[layer, :, :, self._length : end] = k
         self.values[layer, :, :, self._length : end] = v
@@ -71,3 +95,5 @@ class KVCache:
     def advance(self, n_tokens: int) -> None:
         """Count ``n_tokens`` new tokens as stored, once every layer has stored them."""
         self._length += n_tokens
+        if self.position is not None:
+            self.position += n_tokens

@@ -99,16 +99,17 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     return torch.tensor(slopes)
 
 
-def alibi_bias(slopes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def alibi_bias(slopes: torch.Tensor, mask: torch.Tensor, first_query: int | None = None) -> torch.Tensor:
     """Additive attention scores for ALiBi: -slope * distance where ``mask`` allows, else -inf.
 
     ``mask`` is (T, S) or (B, 1, T, S) bool from ``attention_mask``, whose queries are the last
-    T of the S positions; the result is (H, T, S) or (B, H, T, S) float32, added to Q K^T /
+    T of the S positions (or start at ``first_query``, as there); the result is (H, T, S) or (B, H, T, S) float32, added to Q K^T /
     sqrt(D) before the softmax. Nothing is added to the tokens: a query at distance d from a
     key simply scores it slope * d lower, so attention fades with distance at a rate per head.
     """
     T, S = mask.shape[-2:]
-    q_pos = torch.arange(S - T, S, device=mask.device)[:, None]  # (T, 1)
+    first_query = S - T if first_query is None else first_query
+    q_pos = torch.arange(first_query, first_query + T, device=mask.device)[:, None]  # (T, 1)
     distance = (q_pos - torch.arange(S, device=mask.device)[None, :]).float()  # (T, S)
     bias = -slopes.to(mask.device)[:, None, None] * distance  # (H, T, S)
     return bias.masked_fill(~mask, float("-inf"))
@@ -236,19 +237,22 @@ def attention_mask(
     sliding_window: int | None,
     device: torch.device,
     real_keys: torch.Tensor | None = None,
+    first_query: int | None = None,
 ) -> torch.Tensor:
     """Which keys each query may see, (n_queries, n_keys) bool, True = attend.
 
     The queries are the last ``n_queries`` of the ``n_keys`` positions (new tokens after the
-    cached ones), so query i sits at position n_keys - n_queries + i. It sees keys at or
-    before its position and, with a sliding window w, only the last w of them (itself
-    included).
+    cached ones), so query i sits at position n_keys - n_queries + i; with ``first_query``
+    (a static KV cache, whose later slots are not yet written) it sits at first_query + i.
+    It sees keys at or before its position and, with a sliding window w, only the last w of
+    them (itself included).
 
     ``real_keys`` (B, n_keys) bool, False at padding, gives a (B, 1, n_queries, n_keys) mask
     in which no query sees a padding key, except that a padding query still sees itself: a
     row with nothing to attend to would make softmax 0/0 = NaN, and the NaN would spread.
     """
-    q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]  # (Tq, 1)
+    first_query = n_keys - n_queries if first_query is None else first_query
+    q_pos = torch.arange(first_query, first_query + n_queries, device=device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(n_keys, device=device)[None, :]  # (1, S)
     mask = k_pos <= q_pos
     if sliding_window is not None:

@@ -97,6 +97,7 @@ class GPT(nn.Module):
             # One (V, C) matrix both reads tokens in and scores them out: fewer parameters,
             # and tokens that are used alike get alike vectors from both ends.
             self.lm_head.weight = self.embed_tokens.weight
+        self.compiled_decode = None  # set by compile_decode
         self.init_weights()
 
     @torch.no_grad()
@@ -154,9 +155,21 @@ class GPT(nn.Module):
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
 
-    def new_kv_cache(self, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for this model, for up to ``max_len`` (default block_size) tokens."""
-        return KVCache(self.config, max_len)
+    def new_kv_cache(self, max_len: int | None = None, static: bool | None = None) -> KVCache:
+        """An empty KV cache for this model, for up to ``max_len`` (default block_size) tokens;
+        static (fixed shapes, see ``KVCache``) by default once ``compile_decode`` has run."""
+        return KVCache(self.config, max_len, static=self.compiled_decode is not None if static is None else static)
+
+    def compile_decode(self, **options: Any) -> None:
+        """Compile the one-token decode step with ``torch.compile`` (``options`` such as
+        ``mode`` or ``backend`` go to it).
+
+        From now on ``new_kv_cache`` gives static caches, with which every decode step has the
+        same shapes, so one graph serves every step (a new batch size or cache length compiles
+        once more). Prompts (prefill), calls without a cache and calls with autograd on (outside
+        ``torch.no_grad``) stay eager.
+        """
+        self.compiled_decode = torch.compile(self._blocks_and_head, fullgraph=True, **options)
 
     def forward(
         self,
@@ -193,6 +206,9 @@ class GPT(nn.Module):
                 f"{T} tokens{where} exceed the model's context of {limit} tokens (block_size "
                 f"{self.config.block_size}); keep only the last {limit - start} tokens"
             )
+        if last_only and targets is not None:
+            raise ValueError("last_only=True gives no loss: the loss needs every position's logits")
+        static = kv_cache is not None and kv_cache.static
         x = self.embed_tokens(idx)  # (B, T, C)
         if attention_mask is None:
             pos = torch.arange(start, start + T, device=idx.device)  # (T,), shared by the batch
@@ -219,28 +235,48 @@ class GPT(nn.Module):
         x = self.embed_dropout(x)
         # None lets SDPA use its fast causal kernel (T tokens among themselves), or no mask at
         # all for one new token after cached ones; padding, a window, several new tokens after
-        # cached ones, or ALiBi's bias need an explicit (T, S) or (B, 1, T, S) mask.
+        # cached ones, ALiBi's bias or a static cache need an explicit (T, S) or (B, 1, T, S)
+        # mask. A static cache's keys are all its max_len slots; those after the new tokens
+        # are hidden by causality, so padding them with any value is the same.
+        n_keys = kv_cache.max_len if static else start + T
         mask = None
         alibi = pos_embedding == "alibi"
-        if attention_mask is not None or self.config.sliding_window is not None or (start and T > 1) or alibi:
-            mask = build_attention_mask(T, start + T, self.config.sliding_window, idx.device, attention_mask)
+        if attention_mask is not None or self.config.sliding_window is not None or (start and T > 1) or alibi or static:
+            real = attention_mask  # (B, start + T) or None
+            if static and real is not None:
+                real = F.pad(real, (0, n_keys - start - T))  # (B, max_len)
+            mask = build_attention_mask(T, n_keys, self.config.sliding_window, idx.device, real, first_query=start)
         if alibi:
-            mask = alibi_bias(self.alibi_slopes, mask)  # (H or B, H, T, S) float
-        for layer in self.layers:
-            x = layer(x, rope, mask, kv_cache)
+            mask = alibi_bias(self.alibi_slopes, mask, first_query=start)  # (H or B, H, T, S) float
+        # The compiled step is for inference: with autograd on, its in-place cache writes
+        # would clash with the saved tensors of a backward graph.
+        compiled = static and T == 1 and self.compiled_decode is not None and not torch.is_grad_enabled()
+        logits = (self.compiled_decode if compiled else self._blocks_and_head)(x, rope, mask, kv_cache, last_only)
         if kv_cache is not None:
             kv_cache.advance(T)
-        if last_only:
-            if targets is not None:
-                raise ValueError("last_only=True gives no loss: the loss needs every position's logits")
-            x = x[:, -1:, :]  # (B, 1, C)
-        logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, 1, V) with last_only
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
                 logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=ignore_index
             )
         return logits, loss
+
+    def _blocks_and_head(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        last_only: bool,
+    ) -> torch.Tensor:
+        """The embedded tokens ``x`` (B, T, C) through every block, the final norm and the
+        head: logits (B, T, V), or (B, 1, V) with ``last_only``. Only tensors vary from one
+        decode step to the next here, which is what lets ``compile_decode`` compile it once."""
+        for layer in self.layers:
+            x = layer(x, rope, mask, kv_cache)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
+        return self.lm_head(self.norm(x))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of distinct parameters (a tied head is counted once, as the embedding).
