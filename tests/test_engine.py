@@ -156,3 +156,27 @@ def test_stream_returns_exact_completion():
     _, eos = run_stream(engine, [1, 2, 3], SamplingParams(temperature=0.0, max_new_tokens=10))
     assert eos.finish_reason == "stop" and eos.token_ids == done.token_ids[: done.token_ids.index(done.token_ids[3]) + 1]
     assert eos.text == CHARS.decode(eos.token_ids[:-1])
+
+
+def test_sample_cli_decodes_the_same_compiled_and_runs_quantized(engine, tmp_path, monkeypatch, capsys):
+    from gptlab.cli import main
+    from gptlab.train.checkpoint import save_checkpoint
+
+    path = tmp_path / "tiny"
+    save_checkpoint(path, engine.model, engine.tokenizer)
+    compile_decode = GPT.compile_decode
+    compiled = []
+
+    def quick_compile(self, **options):  # dynamo's graph capture without inductor's C++ build: seconds
+        compiled.append(self)
+        compile_decode(self, backend="eager")
+
+    monkeypatch.setattr(GPT, "compile_decode", quick_compile)
+    base = ["sample", str(path), "--prompt", "User: hello", "--greedy", "--max-new-tokens", "12", "--device", "cpu"]
+    outputs = []
+    for extra in ([], ["--compile"], ["--quantize", "int8"]):
+        assert main(base + extra) == 0
+        outputs.append(capsys.readouterr().out)
+    assert len(compiled) == 1 and compiled[0].compiled_decode is not None
+    assert outputs[1] == outputs[0] and outputs[0].startswith("User: hello")
+    assert outputs[2].startswith("User: hello") and len(outputs[2]) > len("User: hello\n")

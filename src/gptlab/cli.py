@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gptlab import __version__
 from gptlab.errors import UserError
@@ -65,7 +66,6 @@ def _data_fetch(args: argparse.Namespace) -> None:
 
 
 def _data_synth_chat(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from gptlab.finetune.synth import write_synth_chat
 
@@ -268,7 +268,19 @@ def _sample(args: argparse.Namespace) -> None:
 
     run_sample(args.model, prompt=args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
-               min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, device=args.device)
+               min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, device=args.device,
+               compile=args.compile, quantize=args.quantize)
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    """--device, --compile and --quantize: where and how the commands that generate run the model."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step (torch.compile over a static KV cache): the same tokens, "
+                        "~1.2x faster decoding on a CPU, after a one-off compile of a minute or more")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="store the block weights as int8: ~2.4x less weight memory for ~0.2%% more perplexity "
+                        "(not faster on CPUs without fast int8 kernels)")
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -290,11 +302,11 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
                    help="above 1 discourages repeating earlier tokens (default: off)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    add_decoding_flags(p)
     p.set_defaults(func=_sample)
 
 
-def _refuse_overwrite(out: "Path", force: bool) -> None:
+def _refuse_overwrite(out: Path, force: bool) -> None:
     """Nothing a user made is replaced without --force: an existing file or a non-empty folder."""
     if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -303,7 +315,6 @@ def _refuse_overwrite(out: "Path", force: bool) -> None:
 # --- gptlab import / export -------------------------------------------------------------------
 
 def _import(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from gptlab.train.checkpoint import resolve_model_source
     from gptlab.weights.gguf import import_gguf, save_gguf_import
@@ -325,7 +336,6 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from gptlab.train.checkpoint import load_checkpoint
     from gptlab.weights.hf import export_hf
@@ -393,7 +403,8 @@ def _chat(args: argparse.Namespace) -> None:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)
-    run_chat(args.model, system=args.system, params=params, device=args.device)
+    run_chat(args.model, system=args.system, params=params, device=args.device, compile=args.compile,
+             quantize=args.quantize)
 
 
 def add_chat_model_arg(p: argparse.ArgumentParser) -> None:
@@ -416,7 +427,7 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
                    help="above 1 discourages repeating earlier tokens (default: off)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest answer in tokens (default: 256)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible answers")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    add_decoding_flags(p)
     p.set_defaults(func=_chat)
 
 
@@ -436,7 +447,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     limits = Limits(**{name: getattr(args, name) for name in SERVE_LIMIT_FLAGS if getattr(args, name) is not None})
     run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, limits=limits,
-               max_concurrency=args.max_concurrency, max_queue=args.max_queue, shutdown_grace=args.shutdown_grace)
+               max_concurrency=args.max_concurrency, max_queue=args.max_queue, shutdown_grace=args.shutdown_grace,
+               compile=args.compile, quantize=args.quantize)
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -458,7 +470,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    add_decoding_flags(p)
     p.add_argument("--max-concurrency", type=_positive_int, default=1, help="generations run at once (default: 1)")
     p.add_argument("--max-queue", type=at_least_zero(int), default=8,
                    help="requests that may wait for a turn; more get 503 (default: 8)")
@@ -476,10 +488,9 @@ FINETUNE_TRAIN_FLAGS: list[str] = []
 SFT_FLAGS: list[str] = []
 
 
-def _finetune_out(args: argparse.Namespace, kind: str) -> "Path":
+def _finetune_out(args: argparse.Namespace, kind: str) -> Path:
     """--out, checked like a training run's; by default a fresh runs/KIND-MODEL folder."""
     import re
-    from pathlib import Path
 
     from gptlab.train.run import claim_out, fresh_run_dir
 
@@ -622,7 +633,6 @@ def add_classify(sub: argparse._SubParsersAction) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from gptlab.tokenizers.chat_template import checkpoint_chat_config
     from gptlab.train.checkpoint import CHAT_CONFIG, find_adapter, load_adapted, save_checkpoint

@@ -78,7 +78,8 @@ class ChatSession:
 
 
 def run_chat(model: str | None = None, system: str | None = None, params: SamplingParams | None = None,
-             device: str = "auto", stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+             device: str = "auto", stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, compile: bool = False,
+             quantize: str | None = None) -> None:
     from gptlab.train.checkpoint import load_checkpoint
     from gptlab.train.system import pick_device
 
@@ -87,7 +88,7 @@ def run_chat(model: str | None = None, system: str | None = None, params: Sampli
     dev = pick_device(device)
     name = model or DEFAULT_CHAT_MODEL
     print(f"loading {name} ...", file=sys.stderr)
-    session = ChatSession(Engine(load_checkpoint(name, device=dev), dev), params, system)
+    session = ChatSession(Engine(load_checkpoint(name, device=dev), dev, compile=compile, quantize=quantize), params, system)
     interactive = stdin.isatty()
     print(f"chatting with {name}; /help for commands, /quit to leave", file=out)
     while True:

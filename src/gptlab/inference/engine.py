@@ -86,6 +86,18 @@ class ChatPrompt:
 QUANTIZE_CHOICES = ("int8",)
 
 
+def prepare_for_decoding(model: torch.nn.Module, compile: bool = False, quantize: str | None = None) -> torch.nn.Module:
+    """``model`` (in eval mode) with int8 weights (``quantize="int8"``, in place) and/or a compiled
+    decode step (``compile``): what ``Engine`` and ``gptlab sample`` do for --quantize / --compile."""
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise UserError(f"quantize={quantize!r} is not supported; choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize == "int8":
+        quantize_int8(model)
+    if compile:
+        model.compile_decode()
+    return model
+
+
 class Engine:
     """A loaded model ready to continue prompts and conversations.
 
@@ -100,13 +112,7 @@ class Engine:
 
     def __init__(self, checkpoint, device: torch.device | str = "cpu", compile: bool = False,
                  quantize: str | None = None):
-        if quantize is not None and quantize not in QUANTIZE_CHOICES:
-            raise UserError(f"quantize={quantize!r} is not supported; choose one of {', '.join(QUANTIZE_CHOICES)}")
-        self.model = checkpoint.model.to(device).eval()
-        if quantize == "int8":
-            quantize_int8(self.model)
-        if compile:
-            self.model.compile_decode()
+        self.model = prepare_for_decoding(checkpoint.model.to(device).eval(), compile, quantize)
         self.tokenizer = checkpoint.tokenizer
         self.device = torch.device(device)
         self.block_size = checkpoint.config.block_size
