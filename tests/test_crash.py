@@ -57,7 +57,7 @@ TEXT = "".join(f"{who}: {line}\n" for who, line in [
     ("MACBETH", "Tomorrow, and tomorrow, and tomorrow."),
 ]) * 40
 EVERY = 4  # steps between evaluations, each followed by a checkpoint
-STEPS = 48
+STEPS = 64
 TEXT_FILE = "c.txt"
 TRAIN = ["train", "--preset", "tiny", "--corpus", TEXT_FILE, "--max-steps", str(STEPS), "--eval-interval", str(EVERY),
          "--eval-batches", "12", "--log-interval", "1", "--dropout", "0.1", "--sample-tokens", "8", "--device", "cpu",
@@ -70,10 +70,17 @@ PHASES = ("step", "evaluation", "best/ write", "last/ write")
 
 #: ``python -m gptlab ARGV`` with a stack dump of every thread written to DUMPS on SIGUSR1; run as
 #: ``python -c BOOT DUMPS ARGV...``. DUMPS appears once SIGUSR1 no longer kills the process.
-BOOT = """import faulthandler, os, runpy, signal, sys
+#: Writing a checkpoint's weights is made 20 ms slower: on a fast disk or a tmpfs the whole write
+#: of this tiny model takes well under a millisecond, too short for the test to land a kill in it.
+BOOT = """import faulthandler, os, runpy, signal, sys, time
+import gptlab.train.checkpoint as checkpoint
 dumps = sys.argv.pop(1)
 faulthandler.register(signal.SIGUSR1, file=open(dumps + ".part", "w"), all_threads=True)
 os.rename(dumps + ".part", dumps)
+def slow_save_file(*args, _save=checkpoint.save_file, **kwargs):
+    time.sleep(0.02)
+    return _save(*args, **kwargs)
+checkpoint.save_file = slow_save_file
 sys.argv[0] = "gptlab"
 runpy.run_module("gptlab", run_name="__main__", alter_sys=True)
 """
@@ -252,7 +259,9 @@ def test_sigkill_at_random_moments_resumes_from_the_last_checkpoint_to_identical
     targets = [PHASES[i % len(PHASES)] for i in range(KILLS)]
     rng.shuffle(targets)
     # Spread over the run: kill number i comes in the first `target` phase after step afters[i].
-    afters = sorted(rng.sample(range(STEPS - 3 * EVERY), KILLS))
+    # The last kill comes after step STEPS - 6 * EVERY at the latest: a kill can land several evaluations
+    # after its mark (a fast machine trains on while the test samples), and the run must not finish first.
+    afters = sorted(rng.sample(range(STEPS - 6 * EVERY), KILLS))
     run_dir = workdir / f"killed-{launcher}"
     argv = [*TRAIN, "--out", run_dir.name]
     landings = []

@@ -185,7 +185,7 @@ def test_run_server_warns_on_an_open_host_without_a_key(engine, monkeypatch, cap
     ran = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
     monkeypatch.setattr("gptlab.train.checkpoint.load_checkpoint", lambda name, device: engine)
-    monkeypatch.setattr(serve_app, "Engine", lambda ckpt, device: ckpt)
+    monkeypatch.setattr(serve_app, "Engine", lambda ckpt, device, **options: ckpt)
     serve_app.run_server("some/run", host="0.0.0.0", port=9999, device="cpu")
     assert "without --api-key" in capsys.readouterr().err and ran == {"host": "0.0.0.0", "port": 9999,
                                                                        "log_level": "warning"}
