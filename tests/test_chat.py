@@ -112,6 +112,29 @@ def test_oldest_turns_are_dropped_to_fit_and_the_user_is_told():
         e.chat_prompt([{"role": "user", "content": "x" * 500}], 10)
 
 
+def test_the_fewest_turns_are_dropped_with_few_renders(monkeypatch):
+    from gptlab.inference import engine as engine_module
+
+    e = engine_for(CHARS, "ok!<|endoftext|>", block_size=120)
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(40):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": "turn " + "abcdefghij"[i % 10] + "ab" * (i % 5)})
+    renders = []
+    real_render = engine_module.render_chat
+    monkeypatch.setattr(engine_module, "render_chat", lambda *a, **k: renders.append(1) or real_render(*a, **k))
+    prompt = e.chat_prompt(messages, 10)
+    assert len(renders) <= 2 + 6  # all, the last alone, then bisection over 39 (not 40 renders)
+
+    def length(dropped: int) -> int:
+        text = real_render(e.template, messages[:1] + messages[1 + dropped:], add_generation_prompt=True,
+                           **e.template_vars)
+        return len(e.tokenizer.encode(text, allowed_special="all"))
+
+    budget = 120 - 10
+    fewest = next(d for d in range(40) if length(d) <= budget)  # the one-by-one rule
+    assert prompt.dropped_turns == fewest > 0 and len(prompt.ids) == length(fewest) <= budget
+
+
 def test_commands():
     session = ChatSession(engine_for(CHARS, "fine<|endoftext|>"), SamplingParams())
     out = io.StringIO()

@@ -133,14 +133,27 @@ class Engine:
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
         budget = self.block_size - min(max_new_tokens, self.block_size // 4)
-        for dropped in range(len(turns)):
+        rendered: dict[int, list[int]] = {}
+
+        def fits(dropped: int) -> bool:
             text = render_chat(self.template, system + turns[dropped:], add_generation_prompt=True,
                                **self.template_vars)
-            ids = self.tokenizer.encode(text, allowed_special="all")
-            if len(ids) <= budget:
-                return ChatPrompt(ids, dropped)
-        raise UserError(f"the last message alone needs more than {budget} tokens of the model's {self.block_size}; "
-                        "shorten it or lower the answer length")
+            rendered[dropped] = self.tokenizer.encode(text, allowed_special="all")
+            return len(rendered[dropped]) <= budget
+
+        if fits(0):
+            return ChatPrompt(rendered[0], 0)
+        most = len(turns) - 1  # the last message always stays
+        if not fits(most):
+            raise UserError(f"the last message alone needs more than {budget} tokens of the model's "
+                            f"{self.block_size}; shorten it or lower the answer length")
+        # Dropping turns only shortens the prompt, so the fewest drops that fit are found by
+        # bisection: a few renders of a long conversation, not one per turn.
+        lo, hi = 0, most  # lo does not fit, hi does
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        return ChatPrompt(rendered[hi], hi)
 
     # --- generation ---------------------------------------------------------------------------
 
