@@ -70,17 +70,23 @@ PHASES = ("step", "evaluation", "best/ write", "last/ write")
 
 #: ``python -m gptlab ARGV`` with a stack dump of every thread written to DUMPS on SIGUSR1; run as
 #: ``python -c BOOT DUMPS ARGV...``. DUMPS appears once SIGUSR1 no longer kills the process.
-#: Writing a checkpoint's weights is made 20 ms slower: on a fast disk or a tmpfs the whole write
-#: of this tiny model takes well under a millisecond, too short for the test to land a kill in it.
+#: Writing a checkpoint's weights and each evaluation are made 20 ms slower: for this tiny model
+#: both take about a millisecond, too short for the test to land a kill in them reliably.
+#: (The stand-in for ``evaluate`` keeps its name, so a stack sampled in it still reads "evaluation".)
 BOOT = """import faulthandler, os, runpy, signal, sys, time
 import gptlab.train.checkpoint as checkpoint
+import gptlab.train.loop as loop
 dumps = sys.argv.pop(1)
 faulthandler.register(signal.SIGUSR1, file=open(dumps + ".part", "w"), all_threads=True)
 os.rename(dumps + ".part", dumps)
 def slow_save_file(*args, _save=checkpoint.save_file, **kwargs):
     time.sleep(0.02)
     return _save(*args, **kwargs)
+def evaluate(*args, _evaluate=loop.evaluate, **kwargs):
+    time.sleep(0.02)
+    return _evaluate(*args, **kwargs)
 checkpoint.save_file = slow_save_file
+loop.evaluate = evaluate
 sys.argv[0] = "gptlab"
 runpy.run_module("gptlab", run_name="__main__", alter_sys=True)
 """
