@@ -284,9 +284,15 @@ class BPETokenizer(Tokenizer):
         if enc is not None:
             # disallowed_special=() makes tiktoken encode other special strings as plain text
             # (by default it raises), which is our contract.
-            if not allowed:
-                return enc.encode_ordinary(text)
-            return enc.encode(text, allowed_special=allowed, disallowed_special=())
+            try:
+                if not allowed:
+                    return enc.encode_ordinary(text)
+                return enc.encode(text, allowed_special=allowed, disallowed_special=())
+            except BaseException as e:  # tiktoken's Rust panics are BaseExceptions (PanicException)
+                if type(e).__name__ != "PanicException":
+                    raise
+                raise UserError("this BPE tokenizer's tokens are inconsistent (its encoder failed on "
+                                f"{text[:40]!r}); the tokenizer file is damaged: rebuild or re-download it") from None
         ids: list[int] = []
         for special, piece in self._split_special(_without_surrogates(text), allowed):
             if special:
@@ -372,6 +378,8 @@ class BPETokenizer(Tokenizer):
         try:
             tokens = [parse_token(s) for s in d["tokens"]]
             ranks = {t: i for i, t in enumerate(tokens)}
+            if b"" in ranks:  # the encoder (tiktoken) would crash on it mid-encode
+                raise ValueError("it has an empty token")
             if len(ranks) != len(tokens):
                 dup = next(t for t, c in Counter(tokens).items() if c > 1)
                 raise ValueError(f"token {render_token(dup)!r} appears more than once")
