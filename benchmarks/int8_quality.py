@@ -40,8 +40,9 @@ from torch import nn
 from gptlab.data.prepare import split_point
 from gptlab.data.sources import load_corpus
 from gptlab.inference.quantize import quantize_int8, weight_bytes
-from gptlab.inference.sampling import generate
 from gptlab.train.checkpoint import load_checkpoint
+
+from engine_decode import ours  # decode tok/s timed as the engine benchmark times it (this folder is on sys.path)
 
 
 def fbgemm_w8a8(model: nn.Module) -> nn.Module | None:
@@ -78,14 +79,6 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
         if end == n - 1:
             break
     return out
-
-
-def decode_tps(model: nn.Module, prompt: torch.Tensor, new: int) -> float:
-    first = None
-    for i, _ in enumerate(generate(model, prompt, new, temperature=0.0)):
-        if i == 0:
-            first = time.perf_counter()
-    return (new - 1) / (time.perf_counter() - first)
 
 
 def main() -> None:
@@ -131,7 +124,7 @@ def main() -> None:
         scored = sum(new for _, _, new in spans)
         fed = sum(end - begin for begin, end, _ in spans)
         prompt = ids[None, :64]
-        runs = [{name: decode_tps(m, prompt, args.new_tokens) for name, m in variants.items()}
+        runs = [{name: ours(m, prompt, args.new_tokens)[1] for name, m in variants.items()}
                 for _ in range(args.repeat)]
 
     print(f"{'variant':17} {'perplexity':>10} {'change':>8} {'top-1 = fp32':>12} {'weights MB':>10} "

@@ -49,13 +49,8 @@ from gptlab.tokenizers import CharTokenizer
 from gptlab.train import checkpoint as ckpt
 from gptlab.weights import hf as hf_module
 from gptlab.weights.hf import export_hf
+from test_train import TEXT  # the training tests' corpus
 
-TEXT = "".join(f"{who}: {line}\n" for who, line in [
-    ("ROMEO", "But soft, what light through yonder window breaks?"),
-    ("JULIET", "O Romeo, Romeo, wherefore art thou Romeo?"),
-    ("HAMLET", "To be, or not to be, that is the question."),
-    ("MACBETH", "Tomorrow, and tomorrow, and tomorrow."),
-]) * 40
 EVERY = 4  # steps between evaluations, each followed by a checkpoint
 STEPS = 64
 TEXT_FILE = "c.txt"

@@ -47,16 +47,6 @@ def test_the_tour_has_its_chapters():
         assert any(lang == "python" for lang, _, _ in blocks(chapter)), f"{chapter.name} has no python block"
 
 
-@pytest.fixture
-def one_thread():
-    # The tour's models are a few thousand numbers wide: one thread computes them fastest, and
-    # on a shared CPU several threads per process mostly wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def same_output(printed: str, shown: str) -> bool:
     """Whether ``printed`` matches ``shown``: the same text, and decimals within 2% of each other."""
     printed, shown = printed.rstrip(), shown.rstrip()

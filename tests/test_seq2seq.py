@@ -58,16 +58,6 @@ def test_decoder_is_causal():
     assert not torch.allclose(a[:, 2:], b[:, 2:])
 
 
-@pytest.fixture
-def one_thread():
-    # Tensors this small gain nothing from a second thread, and on a busy CPU the threads
-    # wait on each other: one thread ran this test over 10 times faster on a loaded 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_trains_to_high_exact_match_with_the_training_loop(tmp_path, one_thread):
     # A small task so that it runs in seconds; benchmarks/seq2seq_toy.py runs the full one.
     task = toy.ToyTask("sort", 1, 4)
