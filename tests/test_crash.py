@@ -65,8 +65,10 @@ PHASES = ("step", "evaluation", "best/ write", "last/ write")
 
 #: ``python -m gptlab ARGV`` with a stack dump of every thread written to DUMPS on SIGUSR1; run as
 #: ``python -c BOOT DUMPS ARGV...``. DUMPS appears once SIGUSR1 no longer kills the process.
-#: Writing a checkpoint's weights and each evaluation are made 20 ms slower: for this tiny model
-#: both take about a millisecond, too short for the test to land a kill in them reliably.
+#: Writing a checkpoint's weights is made 20 ms slower and each evaluation 100 ms: for this tiny
+#: model both take about a millisecond, too short to land a kill in reliably. A write is watched
+#: through its temporary folder; an evaluation must be caught by sampling stacks, which takes a
+#: few milliseconds per sample under load, hence the longer window.
 #: (The stand-in for ``evaluate`` keeps its name, so a stack sampled in it still reads "evaluation".)
 BOOT = """import faulthandler, os, runpy, signal, sys, time
 import gptlab.train.checkpoint as checkpoint
@@ -78,7 +80,7 @@ def slow_save_file(*args, _save=checkpoint.save_file, **kwargs):
     time.sleep(0.02)
     return _save(*args, **kwargs)
 def evaluate(*args, _evaluate=loop.evaluate, **kwargs):
-    time.sleep(0.02)
+    time.sleep(0.1)
     return _evaluate(*args, **kwargs)
 checkpoint.save_file = slow_save_file
 loop.evaluate = evaluate
