@@ -65,10 +65,8 @@ PHASES = ("step", "evaluation", "best/ write", "last/ write")
 
 #: ``python -m gptlab ARGV`` with a stack dump of every thread written to DUMPS on SIGUSR1; run as
 #: ``python -c BOOT DUMPS ARGV...``. DUMPS appears once SIGUSR1 no longer kills the process.
-#: Writing a checkpoint's weights is made 20 ms slower and each evaluation 100 ms: for this tiny
-#: model both take about a millisecond, too short to land a kill in reliably. A write is watched
-#: through its temporary folder; an evaluation must be caught by sampling stacks, which takes a
-#: few milliseconds per sample under load, hence the longer window.
+#: Writing a checkpoint's weights and each evaluation are made 20 ms slower: for this tiny model
+#: both take about a millisecond, too short for the test to land a kill in them reliably.
 #: (The stand-in for ``evaluate`` keeps its name, so a stack sampled in it still reads "evaluation".)
 BOOT = """import faulthandler, os, runpy, signal, sys, time
 import gptlab.train.checkpoint as checkpoint
@@ -80,7 +78,7 @@ def slow_save_file(*args, _save=checkpoint.save_file, **kwargs):
     time.sleep(0.02)
     return _save(*args, **kwargs)
 def evaluate(*args, _evaluate=loop.evaluate, **kwargs):
-    time.sleep(0.1)
+    time.sleep(0.02)
     return _evaluate(*args, **kwargs)
 checkpoint.save_file = slow_save_file
 loop.evaluate = evaluate
@@ -139,13 +137,19 @@ class Run:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and self.alive():
             text = self.dumps.read_text(errors="replace")
-            end = text.find('File "<string>"', self.seen)  # BOOT's frame, at the bottom of the main thread
-            if end != -1:
+            # The main thread's stack ends at BOOT's frame, or at "..." where faulthandler stops
+            # after 100 frames (deep chains of imports in a fresh interpreter reach that).
+            found = _STACK_END.search(text, self.seen)
+            if found:
+                end = found.start()
                 block = text[text.rfind("hread 0x", self.seen, end):end]  # innermost call first
-                self.seen = end + 1
+                self.seen = found.end()
                 return phase_of(re.findall(r" in (\w+)", block))
             time.sleep(0.0005)
         return None
+
+
+_STACK_END = re.compile(r'File "<string>"|^  \.\.\.$', re.MULTILINE)
 
 
 def launch(workdir: Path, *argv: str, fresh: bool = False) -> Run:
