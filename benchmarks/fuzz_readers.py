@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -51,8 +50,16 @@ def fuzz(target: harness.Target, examples: int, random_seed: int) -> tuple[colle
             target.run(file, data)
             outcomes["loaded"] += 1
         except UserError as e:
-            outcomes["UserError" if "\n" not in str(e) else "crash"] += 1
-        except Exception as e:  # noqa: BLE001 - every other exception is the finding
+            if "\n" not in str(e):
+                outcomes["UserError"] += 1
+                return
+            outcomes["crash"] += 1
+            key = f"multi-line UserError at {where(e)}"
+            count, example = crashes.get(key, (0, f"{file}: {str(e)[:160]!r}"))
+            crashes[key] = (count + 1, example)
+        except BaseException as e:  # every other exception is the finding, Rust panics (BaseException) too
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             outcomes["crash"] += 1
             key = f"{type(e).__name__} at {where(e)}"
             count, example = crashes.get(key, (0, f"{file}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
@@ -73,9 +80,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         targets = harness.build_targets(Path(tmp))
-        vm_kib = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize")))
-        limit = vm_kib * 1024 + int(args.headroom_gib * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        limit = harness.cap_address_space(int(args.headroom_gib * 2**30))
         print(f"address space capped at {limit / 2**30:.1f} GiB; peak RSS after seeds "
               f"{harness.peak_rss_mib():.0f} MiB")
         total, total_crashes = 0, 0

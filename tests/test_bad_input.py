@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gptlab.cli import main
+from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import CharTokenizer
@@ -162,3 +163,10 @@ def test_bad_input(name, argv, code, message, files, capsys, monkeypatch, tmp_pa
     assert message in err, err
     assert snapshot(root) == before, "a bad command changed the user's files"
     assert not Path(files["new"]).exists(), "a failed command left an output behind"
+
+
+def test_a_user_error_stays_on_one_line_whatever_it_quotes():
+    # Libraries quote bytes of a damaged file in their messages (found by benchmarks/fuzz_readers.py:
+    # a safetensors tensor name holding a line break).
+    e = UserError("model.safetensors cannot be read (invalid offset for tensor `a\nb\r\nc`)")
+    assert str(e) == "model.safetensors cannot be read (invalid offset for tensor `a b c`)"

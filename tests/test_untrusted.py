@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
 import os
 import pickle
 import resource
@@ -20,6 +21,8 @@ import shutil
 import struct
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -546,27 +549,74 @@ def targets(tmp_path_factory) -> dict[str, Target]:
 # ones each time (to explore; benchmarks/fuzz_readers.py runs 10,000 cases).
 FUZZ = settings(max_examples=int(os.environ.get("GPTLAB_FUZZ_EXAMPLES", "100")), deadline=None, database=None,
                 suppress_health_check=list(HealthCheck), derandomize="GPTLAB_FUZZ_RANDOM" not in os.environ)
+FUZZ_HEADROOM = 3 * 2**30  # address space a fuzzing process may take beyond what the valid seeds needed
 
 
-@pytest.mark.parametrize("name", ["checkpoint", "gguf", "tokenizer", "lora"])
-def test_damaged_files_load_or_fail_in_one_line(targets, name):
-    target = targets[name]
+def cap_address_space(headroom: int) -> int:
+    """Cap this process's address space (RLIMIT_AS) at its current size plus ``headroom`` bytes: a
+    file that makes a reader allocate without bound then fails with MemoryError (or aborts the
+    process, for an allocation in Rust) instead of exhausting the machine. Returns the cap."""
+    vm_kib = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize")))
+    limit = vm_kib * 1024 + headroom
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return limit
+
+
+_CHILD_TARGETS: dict[str, Target] = {}
+
+
+def fuzz_reader(name: str, root: str, last_case: str) -> float:
+    """In a fuzzing process: run FUZZ on reader ``name`` (seeds written under ``root`` on first
+    use, then the address space capped), writing each case to ``last_case`` before trying it.
+    Returns how much the peak RSS grew, in MiB."""
+    if not _CHILD_TARGETS:
+        _CHILD_TARGETS.update(build_targets(Path(root)))
+        cap_address_space(FUZZ_HEADROOM)
+    target = _CHILD_TARGETS[name]
     before = peak_rss_mib()
 
     @FUZZ
     @given(case=cases(target))
     def fuzz(case: tuple[str, bytes]) -> None:
+        Path(last_case).write_bytes(pickle.dumps(case))
         check_case(target, *case)
 
     fuzz()
-    # Declared sizes of terabytes must be refused before anything is allocated.
-    assert peak_rss_mib() - before < 300, f"peak RSS grew by {peak_rss_mib() - before:.0f} MiB"
+    return peak_rss_mib() - before
+
+
+@pytest.fixture(scope="module")
+def fuzzing_process():
+    """One fresh process (spawned, so nothing of this one's threads or memory) that runs the fuzz
+    tests under a capped address space; replaced if a case kills it."""
+    context = multiprocessing.get_context("spawn")
+    pool = [ProcessPoolExecutor(1, mp_context=context)]
+    yield pool
+    pool[0].shutdown(cancel_futures=True)
+
+
+@pytest.mark.parametrize("name", ["checkpoint", "gguf", "tokenizer", "lora"])
+def test_damaged_files_load_or_fail_in_one_line(fuzzing_process, tmp_path_factory, name):
+    """Every case loads or ends in one UserError line, and memory stays bounded: declared sizes of
+    terabytes must be refused before anything is allocated. The cases run in a separate process
+    with a capped address space, so a runaway allocation fails this test with the case that
+    caused it instead of taking the test run (and the machine) down."""
+    root, last = tmp_path_factory.mktemp("fuzz-seeds"), tmp_path_factory.mktemp("fuzz") / "last-case.pkl"
+    try:
+        growth = fuzzing_process[0].submit(fuzz_reader, name, str(root), str(last)).result()
+    except BrokenProcessPool:
+        fuzzing_process[0] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        file, data = pickle.loads(last.read_bytes())
+        pytest.fail(f"the {name} reader killed the fuzzing process (out of memory, a crash in native code, or an "
+                    f"error that cannot be sent back) on a damaged {file}, saved in {last}: {data[:200]!r}")
+    assert growth < 300, f"peak RSS grew by {growth:.0f} MiB"
 
 
 @pytest.mark.parametrize("file, patch, message", [
     ("model.safetensors", lambda h: h["embed_tokens.weight"].update(shape=[2**40, 2**20]), "cannot be read"),
     ("config.json", lambda c: c.update(n_embd=2**20, n_layer=2**10, n_head=1), "does not fit the model"),
     ("config.json", lambda c: c.update(vocab_size=2**40), "does not fit the model"),
+    ("config.json", lambda c: c.update(n_embd=2**31), "too large to exist"),  # 2^62 elements overflow
 ])
 def test_huge_declared_sizes_are_refused_before_allocation(targets, file, patch, message):
     target = targets["checkpoint"]
@@ -603,6 +653,37 @@ def test_bad_tokenizer_files_name_the_problem(targets, file, patch, message):
         target.run(file, json.dumps(tree).encode())
     assert file in str(e.value) and "\n" not in str(e.value)
     assert peak_rss_mib() - before < 100
+
+
+# Files the Rust libraries accept and then panic on (pyo3's PanicException is a BaseException),
+# both found by the fuzz test above: tiktoken's encoder on a pattern that matches the empty string,
+# and the tokenizers library's BPE builder on a subword prefix longer than a merged token.
+@pytest.mark.parametrize("file, patch", [
+    ("bpe.json", lambda d: d.update(pattern="(?=t)")),
+    ("hf.json", lambda d: d["model"].update(continuing_subword_prefix="¦%!𗣏d\x9fLõ")),
+])
+def test_files_that_make_the_rust_tokenizers_panic_end_in_one_line(targets, file, patch):
+    tree = json.loads(targets["tokenizer"].files[file])
+    patch(tree)
+    with pytest.raises(UserError, match="damaged") as e:
+        targets["tokenizer"].run(file, json.dumps(tree).encode())
+    assert "\n" not in str(e.value)
+
+
+# Found by benchmarks/fuzz_readers.py: a rank of 2^62 reached torch.empty before any check, and a key
+# holding a line break made a two-line message.
+@pytest.mark.parametrize("patch, message", [
+    (lambda c: c.update(rank=2**62), "not rank"),
+    (lambda c: c.update({"ra\nnk": 2}), "unknown LoRA config key"),
+])
+def test_damaged_adapter_configs_end_in_one_line_before_allocation(targets, patch, message):
+    target = targets["lora"]
+    tree = json.loads(target.files["adapter_config.json"])
+    patch(tree)
+    before = peak_rss_mib()
+    with pytest.raises(UserError, match=message) as e:
+        target.run("adapter_config.json", json.dumps(tree).encode())
+    assert "\n" not in str(e.value) and peak_rss_mib() - before < 100
 
 
 @pytest.mark.parametrize("role, value", [("array length", 2**62), ("string length", 2**63), ("dim", 2**40),

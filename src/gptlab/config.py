@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, names
 from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -271,7 +271,7 @@ def _check_keys(section: dict[str, Any], cls: type, where: str) -> list[str]:
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(section) - set(valid))
     if unknown:
-        return [f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"]
+        return [f"{where}: unknown key(s) {names(unknown)}; valid keys: {', '.join(valid)}"]
     return []
 
 

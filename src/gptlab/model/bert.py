@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, names
 from gptlab.model.config import ModelConfig, _is_int, _is_number
 from gptlab.model.layers import CausalSelfAttention, LayerNorm
 
@@ -123,7 +123,7 @@ class BertConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise UserError(f"unknown BERT config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+            raise UserError(f"unknown BERT config key(s) {names(unknown)}; valid keys: {', '.join(valid)}")
         config = cls(**d)
         config.validate()
         return config

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, names
 
 # Family names, used for naming, reporting and presets. What a Transformer computes comes from
 # the explicit option fields below, never from this name; FAMILY_DEFAULTS gives each family's
@@ -255,7 +255,7 @@ class ModelConfig:
             problems.append(f"{where} lacks {', '.join(missing)}; {takes}")
         unknown = sorted(set(scaling) - {"rope_type", *required, *optional})
         if unknown:
-            problems.append(f"{where} has unknown keys {', '.join(unknown)}; {takes}")
+            problems.append(f"{where} has unknown keys {names(unknown)}; {takes}")
         for key, value in scaling.items():
             if key == "rope_type":
                 continue
@@ -285,7 +285,7 @@ class ModelConfig:
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise UserError(
-                f"unknown model config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
+                f"unknown model config key(s) {names(unknown)}; valid keys: {', '.join(valid)}"
             )
         config = cls(**d)
         config.validate()

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gptlab.cache import atomic_dir, recover_dir, write_json
-from gptlab.errors import UserError
+from gptlab.errors import UserError, names
 from gptlab.model.config import _is_int, _is_number
 from gptlab.model.transformer import GPT
 from gptlab.weights import check_state_dict
@@ -118,7 +118,7 @@ class LoRAConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise UserError(f"unknown LoRA config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+            raise UserError(f"unknown LoRA config key(s) {names(unknown)}; valid keys: {', '.join(valid)}")
         return cls(**d)
 
 
@@ -354,6 +354,12 @@ def apply_adapter(model: GPT, adapter: str | Path | Adapter) -> Adapter:
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter)
     check_base(model, adapter)
+    # The rank of every tensor is checked before add_lora allocates adapters of the declared rank.
+    rank = adapter.config.rank
+    off = sorted(k for k, t in adapter.tensors.items() if t.ndim != 2 or t.shape[k.endswith("lora_B")] != rank)
+    if off:
+        raise UserError(f"LoRA adapter {adapter.path}: tensor {off[0]} has shape {tuple(adapter.tensors[off[0]].shape)}, "
+                        f"not rank {rank} as its {ADAPTER_CONFIG} says; the adapter is corrupt, save it again")
     add_lora(model, adapter.config)
     check_state_dict(adapter.tensors, lora_state_dict(model), f"LoRA adapter {adapter.path}")
     # Only the adapter tensors are given; the base's were checked by the fingerprint above.

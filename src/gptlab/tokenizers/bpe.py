@@ -28,7 +28,7 @@ from typing import Any
 import regex
 from tqdm import tqdm
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, is_rust_panic
 from gptlab.tokenizers.base import AllowedSpecial, Tokenizer, register
 
 #: GPT-2's pre-tokenisation pattern: contractions, optional space + letters / digits /
@@ -288,8 +288,8 @@ class BPETokenizer(Tokenizer):
                 if not allowed:
                     return enc.encode_ordinary(text)
                 return enc.encode(text, allowed_special=allowed, disallowed_special=())
-            except BaseException as e:  # tiktoken's Rust panics are BaseExceptions (PanicException)
-                if type(e).__name__ != "PanicException":
+            except BaseException as e:
+                if not is_rust_panic(e):
                     raise
                 raise UserError("this BPE tokenizer's tokens are inconsistent (its encoder failed on "
                                 f"{text[:40]!r}); the tokenizer file is damaged: rebuild or re-download it") from None

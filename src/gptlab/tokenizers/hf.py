@@ -13,10 +13,11 @@ character level), so an exported from-scratch model loads with ``AutoTokenizer``
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, is_rust_panic
 from gptlab.tokenizers.base import AllowedSpecial, Tokenizer, register
 
 
@@ -49,7 +50,8 @@ class HFTokenizer(Tokenizer):
                 ids.append(self.special_tokens[piece])
             else:
                 # add_special_tokens=False: no BOS/EOS from a post-processor; callers add them.
-                ids.extend(self._plain.encode(piece, add_special_tokens=False).ids)
+                with _damaged_file_errors("encoding"):
+                    ids.extend(self._plain.encode(piece, add_special_tokens=False).ids)
         return ids
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -65,7 +67,8 @@ class HFTokenizer(Tokenizer):
                 return parse_token(piece)
             except (KeyError, ValueError):
                 return piece.encode("utf-8")
-        return self._tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        with _damaged_file_errors("decoding"):
+            return self._tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         if self._byte_level:
@@ -76,7 +79,8 @@ class HFTokenizer(Tokenizer):
         if self._byte_level:
             return super().decode(ids)  # from the raw bytes, invalid UTF-8 replaced
         n = self.vocab_size
-        return self._tok.decode([i for i in ids if 0 <= i < n], skip_special_tokens=False)
+        with _damaged_file_errors("decoding"):
+            return self._tok.decode([i for i in ids if 0 <= i < n], skip_special_tokens=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokenizer": self.hf_json}
@@ -98,10 +102,22 @@ def _load(hf_json: dict[str, Any]):
     # A file may switch on padding or truncation (MiniLM pads everything to 128); encode() must
     # return a text's own ids, so those stay off here and batching code pads explicitly.
     hf_json = {**hf_json, "padding": None, "truncation": None}
-    try:
+    with _damaged_file_errors("loading"):
         return _HF.from_str(json.dumps(hf_json))
-    except Exception as e:  # the library raises a bare Exception for malformed files
-        raise UserError(f"the Hugging Face tokenizer cannot be loaded ({str(e).splitlines()[0][:200]})") from None
+
+
+@contextmanager
+def _damaged_file_errors(doing: str) -> Iterator[None]:
+    """The library's errors on a malformed file (a bare Exception) and its panics on a damaged
+    one that it accepted (see ``is_rust_panic``) as one UserError line."""
+    try:
+        yield
+    except BaseException as e:
+        if not (isinstance(e, Exception) or is_rust_panic(e)) or isinstance(e, UserError):
+            raise
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"the Hugging Face tokenizer failed while {doing} ({detail}); "
+                        "the tokenizer file is damaged or not one the tokenizers library reads") from None
 
 
 def _uses_byte_level(hf_json: dict[str, Any]) -> bool:

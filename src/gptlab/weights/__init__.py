@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, names
 
 if TYPE_CHECKING:
     from gptlab.model.config import ModelConfig
@@ -26,7 +26,7 @@ def check_state_dict(state: Mapping[str, torch.Tensor | None], expected: Mapping
     wrong = [f"{k} has shape {tuple(state[k].shape)} but the model needs {tuple(s)}" for k, s in shape.items()
              if state.get(k) is not None and state[k].shape != s]
     problems = ([f"lacks tensor(s) {', '.join(missing[:5])}"] if missing else []) + \
-               ([f"has tensor(s) the model does not use: {', '.join(unexpected[:5])}"] if unexpected else []) + wrong[:3]
+               ([f"has tensor(s) the model does not use: {names(unexpected[:5])}"] if unexpected else []) + wrong[:3]
     if problems:
         raise UserError(f"{source} does not fit the model: {'; '.join(problems)}")
 
@@ -48,8 +48,12 @@ def build_checked(config: "ModelConfig", state: Mapping[str, torch.Tensor | None
     if config.arch != "bigram" and config.n_layer != len(layers):
         raise UserError(f"{source} does not fit the model: the config says n_layer={config.n_layer} but the weights "
                         f"hold {len(layers)} layers")
-    with torch.device("meta"):
-        skeleton = build_model(config)
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(config)
+    except RuntimeError as e:  # "Storage size calculation overflowed": sizes past 2^63 bytes
+        raise UserError(f"{source} does not fit the model: its config declares tensors too large to exist "
+                        f"({str(e).splitlines()[0][:120]})") from None
     check_state_dict(state, skeleton.state_dict(), source)
     weights = sum(p.numel() * p.element_size() for p in skeleton.parameters())
     buffers = sum(b.numel() * b.element_size() for b in skeleton.buffers())

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, names
 from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
 from gptlab.tokenizers.bpe import bytes_to_unicode, render_token
 from gptlab.tokenizers.hf import HFTokenizer
@@ -274,10 +274,13 @@ def import_gguf(path: str | Path, dtype: str = "fp32") -> GGUFCheckpoint:
             continue
         t = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: F32 data is a read-only memmap
         if arch.permute_qk and ours.endswith(("q_proj.weight", "k_proj.weight")):
-            t = unpermute_qk(t, cfg.n_head if "q_proj" in ours else cfg.kv_heads)
+            heads = cfg.n_head if "q_proj" in ours else cfg.kv_heads
+            # A tensor of the wrong shape stays as it is: build_checked below names it.
+            if t.ndim == 2 and t.shape[0] == heads * cfg.head_dim and cfg.head_dim % 2 == 0:
+                t = unpermute_qk(t, heads)
         state[ours] = t
     if unknown:
-        raise UserError(f"{path} has tensors gptlab's {arch.family} does not use: {', '.join(unknown[:5])}")
+        raise UserError(f"{path} has tensors gptlab's {arch.family} does not use: {names(unknown[:5])}")
     if tied:
         state["lm_head.weight"] = state.get("embed_tokens.weight")
 
