@@ -34,6 +34,8 @@ DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODELS = {
     # name: (model overrides, batch size)
     "default": ({**PRESETS["shakespeare-char"]["model"], "vocab_size": 76}, PRESETS["shakespeare-char"]["train"]["batch_size"]),
+    "gpt2-recipe": ({**PRESETS["shakespeare-char-gpt2"]["model"], "vocab_size": 76},
+                    PRESETS["shakespeare-char-gpt2"]["train"]["batch_size"]),
     "gpt2-small": ({"vocab_size": 50257, "block_size": 256, "n_layer": 12, "n_head": 12, "n_embd": 768}, 4),
     # GPT-2 124M as trained on GPUs: the full 1024 context, and the vocabulary padded to 50304 (a
     # multiple of 64) so the head's matmul tiles evenly, as nanoGPT does.

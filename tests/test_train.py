@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptlab.cli import main
-from gptlab.config import TrainConfig, resolve_config
+from gptlab.config import DEFAULT_PRESET, TrainConfig, resolve_config
 from gptlab.errors import UserError
 from gptlab.inference.run import run_sample
 from gptlab.train import checkpoint as ckpt
@@ -320,11 +320,25 @@ def test_target_loss_stops_at_the_first_evaluation_that_reaches_it(corpus, tmp_p
     assert loop.train(model_cfg, train_cfg, tmp_path / "run2", show_progress=False).stopped == "max_steps"
 
 
-def test_fast_preset_trains_with_its_speedrun_options(corpus, tmp_path):
-    model_cfg, train_cfg = resolve_config("shakespeare-char-fast", train_overrides={
+@pytest.mark.parametrize("preset", ["shakespeare-char", "shakespeare-char-fast"])
+def test_speedrun_presets_train_with_their_speedrun_options(preset, corpus, tmp_path):
+    model_cfg, train_cfg = resolve_config(preset, train_overrides={
         "corpus": corpus, "max_steps": 4, "warmup_steps": 1, "eval_interval": 2, "eval_batches": 2})
     assert (model_cfg.pos_embedding, model_cfg.norm, model_cfg.mlp, train_cfg.optimizer) == \
         ("rope", "rmsnorm", "relu2", "muon")
     assert model_cfg.qk_norm and model_cfg.zero_init_residual and not model_cfg.tie_embeddings
     result = loop.train(model_cfg, train_cfg, tmp_path / "fast", show_progress=False)
     assert result.step == 4 and result.last_eval["val_loss"] < math.log(model_cfg.vocab_size)
+
+
+def test_gpt2_recipe_preset_is_the_default_model_in_gpt2_form():
+    """The speedrun's baseline: the default's shapes and batch, in the GPT-2 architecture with AdamW."""
+    gpt2_model, gpt2_train = resolve_config("shakespeare-char-gpt2")
+    model, train = resolve_config(DEFAULT_PRESET)
+    assert (gpt2_model.pos_embedding, gpt2_model.norm, gpt2_model.mlp, gpt2_train.optimizer) == \
+        ("learned", "layernorm", "gelu", "adamw")
+    assert gpt2_model.tie_embeddings and not gpt2_model.qk_norm and not gpt2_model.zero_init_residual
+    shape = ("n_layer", "n_head", "n_embd", "block_size")
+    assert [getattr(gpt2_model, f) for f in shape] == [getattr(model, f) for f in shape]
+    assert (gpt2_train.batch_size, gpt2_train.eval_batches, gpt2_train.corpus) == \
+        (train.batch_size, train.eval_batches, train.corpus)
