@@ -1,6 +1,7 @@
 """The main job, measured: wall time of `gptlab train` with no arguments, and its validation loss.
 
     python benchmarks/default_run.py            # runs `gptlab train` in a temporary directory
+    python benchmarks/default_run.py --min-lr-ratio 0   # the same with flags of `gptlab train` added
 
 Prints the wall time of the whole command (data fetch and preparation included, from a warm
 or cold cache as it happens to be), the loop's own estimate of the validation loss, and the
@@ -43,7 +44,7 @@ def full_split_loss(run_dir: Path, data_dir: Path) -> tuple[float, int]:
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="gptlab-default-run-"))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "gptlab.cli", "train", "--no-progress"], cwd=workdir,
+    proc = subprocess.run([sys.executable, "-m", "gptlab.cli", "train", "--no-progress", *sys.argv[1:]], cwd=workdir,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
