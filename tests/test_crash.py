@@ -6,9 +6,9 @@ and on the CPU the run ends with weights identical to a run never interrupted; n
 write leaves a file that loads as valid but wrong (the destination is the previous complete
 version, or absent).
 
-Every run is ``python -m gptlab ARGV`` with faulthandler dumping its stacks on SIGUSR1
-(``BOOT``), so the test can sample where a process is (step, evaluation, checkpoint write) and
-send SIGKILL in the phase it aims at. By default the runs are forked from a server process that
+Every run is ``python -m gptlab ARGV`` writing its main thread's stack on SIGUSR1 (``BOOT``), so
+the test can sample where a process is (step, evaluation, checkpoint write) and send SIGKILL in
+the phase it aims at. By default the runs are forked from a server process that
 has already imported gptlab and torch (``multiprocessing``'s forkserver), since a fresh
 interpreter per run would spend most of the test importing torch; the slow variants start a
 fresh interpreter for every run, and must end exactly where the forked reference run does.
@@ -20,7 +20,6 @@ import csv
 import multiprocessing
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -63,16 +62,24 @@ PHASES = ("step", "evaluation", "best/ write", "last/ write")
 
 # --- launching and killing runs -------------------------------------------------------------------
 
-#: ``python -m gptlab ARGV`` with a stack dump of every thread written to DUMPS on SIGUSR1; run as
-#: ``python -c BOOT DUMPS ARGV...``. DUMPS appears once SIGUSR1 no longer kills the process.
-#: Writing a checkpoint's weights and each evaluation are made 20 ms slower: for this tiny model
-#: both take about a millisecond, too short for the test to land a kill in them reliably.
+#: ``python -m gptlab ARGV`` appending a line to DUMPS on SIGUSR1: the function names on the main
+#: thread's stack; run as ``python -c BOOT DUMPS ARGV...``. DUMPS appears once SIGUSR1 no longer
+#: kills the process. A Python signal handler always runs in the main thread, between bytecodes;
+#: faulthandler, used before, dumps from whichever thread the kernel picks, and reading the main
+#: thread's frames while it runs sometimes crashed the process.
+#: Writing a checkpoint's weights and each evaluation are made 20 ms slower, and each training
+#: step 5 ms: for this tiny model they take about a millisecond, too short for the test to land a
+#: kill in them reliably (the sleep in a step sits in gradient clipping, called from run_job).
 #: (The stand-in for ``evaluate`` keeps its name, so a stack sampled in it still reads "evaluation".)
-BOOT = """import faulthandler, os, runpy, signal, sys, time
+BOOT = """import os, runpy, signal, sys, time, traceback
+import torch
 import gptlab.train.checkpoint as checkpoint
 import gptlab.train.loop as loop
 dumps = sys.argv.pop(1)
-faulthandler.register(signal.SIGUSR1, file=open(dumps + ".part", "w"), all_threads=True)
+out = open(dumps + ".part", "w", buffering=1)
+def sample(signum, frame):
+    out.write(" ".join(f.f_code.co_name for f, _ in traceback.walk_stack(frame)) + "\\n")
+signal.signal(signal.SIGUSR1, sample)
 os.rename(dumps + ".part", dumps)
 def slow_save_file(*args, _save=checkpoint.save_file, **kwargs):
     time.sleep(0.02)
@@ -80,8 +87,12 @@ def slow_save_file(*args, _save=checkpoint.save_file, **kwargs):
 def evaluate(*args, _evaluate=loop.evaluate, **kwargs):
     time.sleep(0.02)
     return _evaluate(*args, **kwargs)
+def clip_grad_norm_(*args, _clip=torch.nn.utils.clip_grad_norm_, **kwargs):
+    time.sleep(0.005)
+    return _clip(*args, **kwargs)
 checkpoint.save_file = slow_save_file
 loop.evaluate = evaluate
+torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
 sys.argv[0] = "gptlab"
 runpy.run_module("gptlab", run_name="__main__", alter_sys=True)
 """
@@ -108,7 +119,7 @@ class Run:
     proc: multiprocessing.process.BaseProcess | subprocess.Popen
     log: Path  # its stdout and stderr
     dumps: Path
-    seen: int = 0  # how much of DUMPS has been read
+    seen: int = 0  # how many samples of DUMPS have been read
 
     @property
     def exitcode(self) -> int | None:
@@ -137,19 +148,12 @@ class Run:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and self.alive():
             text = self.dumps.read_text(errors="replace")
-            # The main thread's stack ends at BOOT's frame, or at "..." where faulthandler stops
-            # after 100 frames (deep chains of imports in a fresh interpreter reach that).
-            found = _STACK_END.search(text, self.seen)
-            if found:
-                end = found.start()
-                block = text[text.rfind("hread 0x", self.seen, end):end]  # innermost call first
-                self.seen = found.end()
-                return phase_of(re.findall(r" in (\w+)", block))
+            lines = text[:text.rfind("\n") + 1].splitlines()  # complete lines only
+            if len(lines) > self.seen:
+                self.seen = len(lines)
+                return phase_of(lines[-1].split())
             time.sleep(0.0005)
         return None
-
-
-_STACK_END = re.compile(r'File "<string>"|^  \.\.\.$', re.MULTILINE)
 
 
 def launch(workdir: Path, *argv: str, fresh: bool = False) -> Run:
