@@ -566,8 +566,8 @@ _CHILD_TARGETS: dict[str, Target] = {}
 
 
 def fuzz_reader(name: str, root: str, last_case: str) -> float:
-    """In a fuzzing process: run FUZZ on reader ``name`` (seeds written under ``root`` on first
-    use, then the address space capped), writing each case to ``last_case`` before trying it.
+    """In the fuzzing process: run FUZZ on reader ``name`` (seeds written under ``root`` on the
+    first call, then the address space capped), writing each case to ``last_case`` before trying it.
     Returns how much the peak RSS grew, in MiB."""
     if not _CHILD_TARGETS:
         _CHILD_TARGETS.update(build_targets(Path(root)))
@@ -585,27 +585,40 @@ def fuzz_reader(name: str, root: str, last_case: str) -> float:
     return peak_rss_mib() - before
 
 
-@pytest.fixture(scope="module")
-def fuzzing_process():
+class FuzzingProcess:
     """One fresh process (spawned, so nothing of this one's threads or memory) that runs the fuzz
-    tests under a capped address space; replaced if a case kills it."""
-    context = multiprocessing.get_context("spawn")
-    pool = [ProcessPoolExecutor(1, mp_context=context)]
-    yield pool
-    pool[0].shutdown(cancel_futures=True)
+    tests under a capped address space, with its seeds under ``root``; started again if a case
+    kills it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.start()
+
+    def start(self) -> None:
+        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def fuzz(self, name: str, last_case: Path) -> float:
+        return self.pool.submit(fuzz_reader, name, str(self.root), str(last_case)).result()
+
+
+@pytest.fixture(scope="module")
+def fuzzing_process(tmp_path_factory):
+    process = FuzzingProcess(tmp_path_factory.mktemp("fuzz-seeds"))
+    yield process
+    process.pool.shutdown(cancel_futures=True)
 
 
 @pytest.mark.parametrize("name", ["checkpoint", "gguf", "tokenizer", "lora"])
-def test_damaged_files_load_or_fail_in_one_line(fuzzing_process, tmp_path_factory, name):
+def test_damaged_files_load_or_fail_in_one_line(fuzzing_process, tmp_path, name):
     """Every case loads or ends in one UserError line, and memory stays bounded: declared sizes of
     terabytes must be refused before anything is allocated. The cases run in a separate process
     with a capped address space, so a runaway allocation fails this test with the case that
     caused it instead of taking the test run (and the machine) down."""
-    root, last = tmp_path_factory.mktemp("fuzz-seeds"), tmp_path_factory.mktemp("fuzz") / "last-case.pkl"
+    last = tmp_path / "last-case.pkl"
     try:
-        growth = fuzzing_process[0].submit(fuzz_reader, name, str(root), str(last)).result()
+        growth = fuzzing_process.fuzz(name, last)
     except BrokenProcessPool:
-        fuzzing_process[0] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        fuzzing_process.start()
         file, data = pickle.loads(last.read_bytes())
         pytest.fail(f"the {name} reader killed the fuzzing process (out of memory, a crash in native code, or an "
                     f"error that cannot be sent back) on a damaged {file}, saved in {last}: {data[:200]!r}")

@@ -5,6 +5,8 @@ other exception is a bug and shows its traceback. Messages say what went wrong, 
 input, and what to do about it.
 """
 
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """A problem with the user's input or environment, reported as one clear line.
@@ -23,7 +25,7 @@ def is_rust_panic(e: BaseException) -> bool:
     return type(e).__name__ == "PanicException"
 
 
-def names(items) -> str:
+def names(items: Iterable[object]) -> str:
     """Names read from a file (keys, tensor names), joined for a one-line message: each as it is,
     or as its repr() when it holds a line break or another unprintable character."""
     return ", ".join(s if isinstance(s, str) and s.isprintable() else repr(s) for s in items)
