@@ -12,8 +12,9 @@ MFU = achieved model FLOP/s / peak FLOP/s, where model FLOPs per token are
     python benchmarks/train_throughput.py --model gpt2-small --steps 3 --dtypes fp32
     python benchmarks/train_throughput.py --device cuda --model gpt2-124m --dtypes bf16 --paths compiled
 
-Each configuration runs warm-up steps, then times --steps optimizer steps and reports the
-median step time. Figures go to stdout; record them in benchmarks/RESULTS.md.
+Each configuration runs warm-up steps, then the configurations of one model take --steps optimizer
+steps in turns (so machine noise hits them alike), and each reports its median step time and its
+speed relative to the first. Figures go to stdout; record them in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ from gptlab.train.system import autocast, cpu_has_fast_bf16, device_peak_flops, 
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODELS = {
-    # name: (model overrides, batch size)
-    "default": ({**PRESETS["shakespeare-char"]["model"], "vocab_size": 76}, PRESETS["shakespeare-char"]["train"]["batch_size"]),
-    "gpt2-recipe": ({**PRESETS["shakespeare-char-gpt2"]["model"], "vocab_size": 76},
+    # name: (model overrides, optimizer, batch size)
+    "default": ({**PRESETS["shakespeare-char"]["model"], "vocab_size": 76}, PRESETS["shakespeare-char"]["train"]["optimizer"],
+                PRESETS["shakespeare-char"]["train"]["batch_size"]),
+    "gpt2-recipe": ({**PRESETS["shakespeare-char-gpt2"]["model"], "vocab_size": 76}, "adamw",
                     PRESETS["shakespeare-char-gpt2"]["train"]["batch_size"]),
-    "gpt2-small": ({"vocab_size": 50257, "block_size": 256, "n_layer": 12, "n_head": 12, "n_embd": 768}, 4),
+    "char-gpu": ({**PRESETS["shakespeare-char-gpu"]["model"], "vocab_size": 76}, "adamw",
+                 PRESETS["shakespeare-char-gpu"]["train"]["batch_size"]),
+    "gpt2-small": ({"vocab_size": 50257, "block_size": 256, "n_layer": 12, "n_head": 12, "n_embd": 768}, "adamw", 4),
     # GPT-2 124M as trained on GPUs: the full 1024 context, and the vocabulary padded to 50304 (a
     # multiple of 64) so the head's matmul tiles evenly, as nanoGPT does.
-    "gpt2-124m": ({"vocab_size": 50304, "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}, 16),
+    "gpt2-124m": ({"vocab_size": 50304, "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}, "adamw", 16),
 }
 
 
@@ -57,32 +61,50 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 1024, seconds
     return best
 
 
-def time_steps(model_kw: dict, batch_size: int, dtype: str, compiled: bool, steps: int, warmup: int,
-               device: torch.device) -> dict:
-    torch.manual_seed(0)
-    cfg = ModelConfig(**model_kw)
-    model = GPT(cfg).to(device)
-    opt = build_optimizer(model, TrainConfig(), device)
-    fwd = torch.compile(model) if compiled else model
-    batch = (torch.randint(cfg.vocab_size, (batch_size, cfg.block_size)),
-             torch.randint(cfg.vocab_size, (batch_size, cfg.block_size)))
-    times, losses = [], []
-    for i in range(warmup + steps):
+class StepTimer:
+    """One model and optimizer, stepped on demand; each step timed whole (forward, backward,
+    clip, optimizer step, and a wait for the device)."""
+
+    def __init__(self, model_kw: dict, optimizer: str, batch_size: int, dtype: str, compiled: bool,
+                 device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.cfg = ModelConfig(**model_kw)
+        self.model = GPT(self.cfg).to(device)
+        self.opt = build_optimizer(self.model, TrainConfig(optimizer=optimizer), device)
+        self.fwd = torch.compile(self.model) if compiled else self.model
+        self.batch = (torch.randint(self.cfg.vocab_size, (batch_size, self.cfg.block_size)),
+                      torch.randint(self.cfg.vocab_size, (batch_size, self.cfg.block_size)))
+        self.dtype, self.device, self.times, self.loss = DT[dtype], device, [], float("nan")
+
+    def step(self, record: bool = True) -> None:
         t = time.perf_counter()
-        x, y = to_device(batch, device)
-        with autocast(device, DT[dtype]):
-            _, loss = fwd(x, y)
+        x, y = to_device(self.batch, self.device)
+        with autocast(self.device, self.dtype):
+            _, loss = self.fwd(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # also waits for the device, so the step is timed whole
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    tokens = batch_size * cfg.block_size
-    return {"step_s": step_s, "tok_s": tokens / step_s, "flops_s": model.flops_per_token() * tokens / step_s,
-            "params": model.num_parameters(), "last_loss": losses[-1]}
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.loss = loss.item()  # also waits for the device, so the step is timed whole
+        if record:
+            self.times.append(time.perf_counter() - t)
+
+    def result(self) -> dict:
+        step_s = statistics.median(self.times)
+        tokens = self.batch[0].numel()
+        return {"step_s": step_s, "tok_s": tokens / step_s, "flops_s": self.model.flops_per_token() * tokens / step_s,
+                "params": self.model.num_parameters(), "last_loss": self.loss}
+
+
+def time_in_turns(timers: list[StepTimer], steps: int, warmup: int) -> None:
+    """Warm every timer up, then step them in turns, so that a noisy neighbour slows all of them
+    alike and their ratio holds even when the absolute times drift."""
+    for timer in timers:
+        for _ in range(warmup):
+            timer.step(record=False)
+    for _ in range(steps):
+        for timer in timers:
+            timer.step()
 
 
 def main() -> None:
@@ -113,18 +135,20 @@ def main() -> None:
             print(f"measured matmul peak {d}: {p / 1e9:.1f} GFLOP/s")
         peaks = dict.fromkeys(dtypes, max(measured.values()))
     for name in args.model or ["default"]:
-        model_kw, batch = MODELS[name]
+        model_kw, optimizer, batch = MODELS[name]
         batch = args.batch_size or batch
-        for d in dtypes:
-            slow = device.type == "cpu" and d == "bf16" and not cpu_has_fast_bf16()
-            for path in args.paths.split(","):
-                steps = args.bf16_steps if slow else args.steps
-                r = time_steps(model_kw, batch, d, path == "compiled", steps, 1 if slow else args.warmup, device)
-                mfu = f"{r['flops_s'] / peaks[d]:5.1%}" if peaks[d] else "  n/a"
-                print(f"{name:10} {r['params'] / 1e6:6.2f}M  batch {batch}  {d}  {path:8}  "
-                      f"{r['step_s'] * 1e3:8.1f} ms/step  {r['tok_s']:9.0f} tok/s  "
-                      f"{r['flops_s'] / 1e9:9.1f} GFLOP/s  MFU {mfu}", flush=True)
-
+        configs = [(d, path) for d in dtypes for path in args.paths.split(",")]
+        timers = [StepTimer(model_kw, optimizer, batch, d, path == "compiled", device) for d, path in configs]
+        emulated = device.type == "cpu" and "bf16" in dtypes and not cpu_has_fast_bf16()
+        time_in_turns(timers, args.bf16_steps if emulated else args.steps, 1 if emulated else args.warmup)
+        first = timers[0].result()
+        for (d, path), timer in zip(configs, timers):
+            r = timer.result()
+            mfu = f"{r['flops_s'] / peaks[d]:5.1%}" if peaks[d] else "  n/a"
+            print(f"{name:10} {r['params'] / 1e6:6.2f}M  batch {batch}  {d}  {path:8}  "
+                  f"{r['step_s'] * 1e3:8.1f} ms/step  {r['tok_s']:9.0f} tok/s  "
+                  f"{r['flops_s'] / 1e9:9.1f} GFLOP/s  MFU {mfu}  speed {first['step_s'] / r['step_s']:.2f}x "
+                  f"{configs[0][0]} {configs[0][1]}", flush=True)
 
 if __name__ == "__main__":
     main()

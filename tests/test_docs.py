@@ -3,8 +3,8 @@
 Every ```python block of a chapter runs, in order, in one fresh namespace (a later block uses
 the variables of an earlier one), with the working directory a temporary folder and
 ``GPTLAB_CACHE`` at the normal cache (so a corpus fetched once is reused). A block followed
-directly by an ```output block must print that text, decimals within 2% (losses differ in their
-last digits between machines); ``python tests/test_docs.py docs/NN-name.md`` rewrites those
+directly by an ```output block must print that text, decimals within 2% or 0.005 (losses differ
+in their last digits between machines); ``python tests/test_docs.py docs/NN-name.md`` rewrites those
 blocks from a fresh run. ```bash and ```text blocks are shown, not run.
 The links of every page must lead to files that exist, and a link whose text names a function
 or class (`GPT.forward`) must lead to the file that defines it.
@@ -48,12 +48,15 @@ def test_the_tour_has_its_chapters():
 
 
 def same_output(printed: str, shown: str) -> bool:
-    """Whether ``printed`` matches ``shown``: the same text, and decimals within 2% of each other."""
+    """Whether ``printed`` matches ``shown``: the same text, and decimals within 2% of each other,
+    or 0.005 apart. The tour pins fp32, but fp32 itself sums in another order on an AVX-512 CPU
+    than on an AVX2 one, and a short run drifts by about 1%; near zero that drift is a larger
+    share (chapter 14's loss of 0.1255 on AVX2 reads 0.1225 on AVX-512: 0.003, 2.4%)."""
     printed, shown = printed.rstrip(), shown.rstrip()
     if DECIMAL.split(printed) != DECIMAL.split(shown):
         return False
     pairs = zip(map(float, DECIMAL.findall(printed)), map(float, DECIMAL.findall(shown)))
-    return all(abs(a - b) <= 0.02 * max(abs(a), abs(b)) for a, b in pairs)
+    return all(abs(a - b) <= max(0.02 * max(abs(a), abs(b)), 0.005) for a, b in pairs)
 
 
 def run_chapter(chapter: Path) -> list[tuple[int, str, str | None]]:

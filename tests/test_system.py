@@ -7,8 +7,8 @@ import torch
 
 from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT
-from gptlab.train import system
-from gptlab.train.system import CompiledOrEager, device_peak_flops, pick_dtype
+from gptlab.device import Hardware, Precision, auto_dtype, bf16_hint, pick_dtype
+from gptlab.train.system import CompiledOrEager, device_peak_flops
 
 
 def failing_backend(gm, example_inputs):
@@ -58,21 +58,60 @@ def test_a_working_compile_is_used_and_matches_eager(capsys):
     assert not wrapped.fell_back and warnings_in(capsys.readouterr().err) == []
 
 
-def test_dtype_fallbacks_warn_and_auto_never_does(capsys, monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(system, "cpu_has_fast_bf16", lambda: False)
-    assert pick_dtype("auto", cpu) == torch.float32
-    assert pick_dtype("fp32", cpu) == torch.float32
+AVX2 = Hardware("cpu", "AVX2")
+AVX512_BF16 = Hardware("cpu", "AVX512", cpu_bf16=True)
+AMX = Hardware("cpu", "AMX", cpu_bf16=True)  # Sapphire Rapids and newer: AMX tiles, avx512_bf16 too
+AVX512_NO_BF16 = Hardware("cpu", "AVX512")  # Skylake-X, Ice Lake: AVX-512 without bf16
+CUDA_BF16 = Hardware("cuda", "AVX2", cuda_bf16=True)  # Ampere and newer
+CUDA_OLD = Hardware("cuda", "AVX2", cuda_bf16=False)  # Volta, Turing
+MPS = Hardware("mps", "DEFAULT")
+
+
+@pytest.mark.dtype_rule
+@pytest.mark.parametrize("hw, expected", [
+    (AVX2, torch.float32), (AVX512_NO_BF16, torch.float32), (AVX512_BF16, torch.float32), (AMX, torch.float32),
+    (CUDA_BF16, torch.bfloat16), (CUDA_OLD, torch.float32), (MPS, torch.float32),
+])
+def test_auto_dtype_is_fp32_on_every_cpu_and_bf16_on_gpus_that_have_it(hw, expected):
+    assert auto_dtype(hw) == expected
+    assert pick_dtype("auto", torch.device(hw.device), hw) == Precision(expected, "auto")
+
+
+@pytest.mark.dtype_rule
+def test_asked_dtypes_are_honoured_where_they_run_and_fall_back_with_one_warning(capsys):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for hw in (AVX2, AVX512_BF16, AMX):
+        assert pick_dtype("fp32", cpu, hw) == Precision(torch.float32, "--dtype fp32")
+    assert pick_dtype("bf16", cpu, AMX) == Precision(torch.bfloat16, "--dtype bf16")
+    assert pick_dtype("bf16", cuda, CUDA_BF16).dtype == torch.bfloat16
+    assert pick_dtype("fp16", cuda, CUDA_OLD) == Precision(torch.float16, "--dtype fp16")
     assert warnings_in(capsys.readouterr().err) == []
-    assert pick_dtype("fp16", cpu) == torch.float32
-    assert pick_dtype("bf16", cpu) == torch.bfloat16  # asked for and possible, but slow: said so
-    fp16, bf16 = warnings_in(capsys.readouterr().err)
-    assert "fp16 on cpu" in fp16 and "using fp32" in fp16
-    assert "emulated" in bf16
-    monkeypatch.setattr(system, "cpu_has_fast_bf16", lambda: True)
-    assert pick_dtype("auto", cpu) == torch.bfloat16 and pick_dtype("fp16", cpu) == torch.bfloat16
-    assert pick_dtype("bf16", cpu) == torch.bfloat16
-    assert len(warnings_in(capsys.readouterr().err)) == 1  # only the fp16 fallback
+    # Runs, but emulated: said so.
+    assert pick_dtype("bf16", cpu, AVX2) == Precision(torch.bfloat16, "--dtype bf16")
+    (slow,) = warnings_in(capsys.readouterr().err)
+    assert "emulated" in slow and "AVX2" in slow
+    # Cannot run: what auto picks instead, said once, and the header says why.
+    fp16 = pick_dtype("fp16", cpu, AMX)
+    assert fp16 == Precision(torch.float32, "fp16 unavailable") and str(fp16) == "fp32 (fp16 unavailable)"
+    assert pick_dtype("bf16", cuda, CUDA_OLD).dtype == torch.float32
+    first, second = warnings_in(capsys.readouterr().err)
+    assert "--dtype fp16 on cpu" in first and "using fp32" in first and "no bf16 support" in second
+
+
+@pytest.mark.dtype_rule
+def test_bf16_hint_only_for_large_models_under_auto_on_bf16_cpus():
+    auto, asked = Precision(torch.float32, "auto"), Precision(torch.float32, "--dtype fp32")
+    assert "--dtype bf16" in bf16_hint(auto, AMX, 124_000_000)
+    assert bf16_hint(auto, AMX, 800_000) is None  # the default model: bf16 is no faster there
+    assert bf16_hint(auto, AVX2, 124_000_000) is None  # emulated: far slower
+    assert bf16_hint(asked, AMX, 124_000_000) is None  # the user chose fp32
+    assert bf16_hint(Precision(torch.bfloat16, "auto"), CUDA_BF16, 124_000_000) is None
+
+
+def test_hardware_of_this_machine_reports_its_cpu():
+    hw = Hardware.of(torch.device("cpu"))
+    assert hw.device == "cpu" and hw.cpu_capability == torch.backends.cpu.get_cpu_capability()
+    assert not hw.cuda_bf16
 
 
 @pytest.mark.parametrize("name, dtype, precision, tflops", [

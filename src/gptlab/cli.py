@@ -269,12 +269,16 @@ def _sample(args: argparse.Namespace) -> None:
     run_sample(args.model, prompt=args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, device=args.device,
-               compile=args.compile, quantize=args.quantize)
+               dtype=args.dtype, compile=args.compile, quantize=args.quantize)
 
 
 def add_decoding_flags(p: argparse.ArgumentParser) -> None:
-    """--device, --compile and --quantize: where and how the commands that generate run the model."""
+    """--device, --dtype, --compile and --quantize: where and how the commands that generate run the model."""
+    from gptlab.device import DTYPE_CHOICES, DTYPE_HELP
+
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help=f"precision of the weights while decoding; {DTYPE_HELP} (default: auto)")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step (torch.compile over a static KV cache): the same tokens, "
                         "~1.2x faster decoding on a CPU, after a one-off compile of a minute or more")
@@ -403,8 +407,8 @@ def _chat(args: argparse.Namespace) -> None:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)
-    run_chat(args.model, system=args.system, params=params, device=args.device, compile=args.compile,
-             quantize=args.quantize)
+    run_chat(args.model, system=args.system, params=params, device=args.device, dtype=args.dtype,
+             compile=args.compile, quantize=args.quantize)
 
 
 def add_chat_model_arg(p: argparse.ArgumentParser) -> None:
@@ -448,7 +452,7 @@ def _serve(args: argparse.Namespace) -> None:
     limits = Limits(**{name: getattr(args, name) for name in SERVE_LIMIT_FLAGS if getattr(args, name) is not None})
     run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, limits=limits,
                max_concurrency=args.max_concurrency, max_queue=args.max_queue, shutdown_grace=args.shutdown_grace,
-               compile=args.compile, quantize=args.quantize)
+               dtype=args.dtype, compile=args.compile, quantize=args.quantize)
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:

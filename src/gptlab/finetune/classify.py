@@ -35,13 +35,13 @@ from torch import nn
 
 from gptlab.config import TrainConfig
 from gptlab.data.jsonl import jsonl_records
+from gptlab.device import pick_device
 from gptlab.errors import UserError
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import Tokenizer, load_tokenizer_file
 from gptlab.train import checkpoint as ckpt
 from gptlab.train.distributed import world_size
 from gptlab.train.loop import Batch, Job, RunResult, run_job
-from gptlab.train.system import pick_device
 
 CLASSES = "classes.json"
 

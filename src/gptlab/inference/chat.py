@@ -79,16 +79,17 @@ class ChatSession:
 
 def run_chat(model: str | None = None, system: str | None = None, params: SamplingParams | None = None,
              device: str = "auto", stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, compile: bool = False,
-             quantize: str | None = None) -> None:
+             quantize: str | None = None, dtype: str = "auto") -> None:
+    from gptlab.device import pick_device
     from gptlab.train.checkpoint import load_checkpoint
-    from gptlab.train.system import pick_device
 
     params = params or SamplingParams()
     params.check()
     dev = pick_device(device)
     name = model or DEFAULT_CHAT_MODEL
     print(f"loading {name} ...", file=sys.stderr)
-    session = ChatSession(Engine(load_checkpoint(name, device=dev), dev, compile=compile, quantize=quantize), params, system)
+    engine = Engine(load_checkpoint(name, device=dev), dev, dtype=dtype, compile=compile, quantize=quantize)
+    session = ChatSession(engine, params, system)
     interactive = stdin.isatty()
     print(f"chatting with {name}; /help for commands, /quit to leave", file=out)
     while True:

@@ -79,7 +79,7 @@ def run_embed(model_name_or_path: str, texts: list[str], batch_size: int = 32, n
               device: str = "auto", show: int = 6) -> torch.Tensor:
     """``gptlab embed``: print each text's embedding (size, first ``show`` values, norm) and,
     for several texts, their cosine similarities; return the (N, C) embeddings."""
-    from gptlab.train.system import pick_device
+    from gptlab.device import pick_device
     from gptlab.weights.bert import load_bert
 
     loaded = load_bert(model_name_or_path)

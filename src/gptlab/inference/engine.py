@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gptlab.device import pick_dtype
 from gptlab.errors import UserError
 from gptlab.inference.quantize import quantize_int8
 from gptlab.inference.sampling import check_sampling_args, generate
@@ -86,11 +87,17 @@ class ChatPrompt:
 QUANTIZE_CHOICES = ("int8",)
 
 
-def prepare_for_decoding(model: torch.nn.Module, compile: bool = False, quantize: str | None = None) -> torch.nn.Module:
-    """``model`` (in eval mode) with int8 weights (``quantize="int8"``, in place) and/or a compiled
-    decode step (``compile``): what ``Engine`` and ``gptlab sample`` do for --quantize / --compile."""
+def prepare_for_decoding(model: torch.nn.Module, dtype: str | None = None, compile: bool = False,
+                         quantize: str | None = None) -> torch.nn.Module:
+    """``model`` (in eval mode, in place) ready to decode: its weights in ``dtype`` (``--dtype``:
+    auto, fp32, bf16 or fp16, chosen by ``gptlab.device.pick_dtype`` on the model's device; None
+    leaves them as they are), int8 weights (``quantize="int8"``) and/or a compiled decode step
+    (``compile``). What ``Engine`` and ``gptlab sample`` do for --dtype, --quantize and --compile."""
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize={quantize!r} is not supported; choose one of {', '.join(QUANTIZE_CHOICES)}")
+    model.eval()
+    if dtype is not None:
+        cast_weights(model, pick_dtype(dtype, next(model.parameters()).device).dtype)
     if quantize == "int8":
         quantize_int8(model)
     if compile:
@@ -98,10 +105,22 @@ def prepare_for_decoding(model: torch.nn.Module, compile: bool = False, quantize
     return model
 
 
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store the floating-point parameters in ``dtype``: half the memory, and half the bytes that
+    every decoded token reads, in bf16 or fp16. Buffers such as the RoPE tables stay fp32, so
+    positions far into a long context keep their precision; the layers cast them to the
+    activations' dtype where they meet."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 class Engine:
     """A loaded model ready to continue prompts and conversations.
 
-    ``quantize="int8"`` stores the block Linear weights as int8 (``quantize_int8``; the model
+    ``dtype`` is the commands' --dtype (``prepare_for_decoding``): the CLI passes "auto", which
+    keeps fp32 on CPUs and takes bf16 on GPUs that have it; None (the default) keeps the weights
+    as loaded, as a training job that samples from the model it trains needs. ``quantize="int8"`` stores the block Linear weights as int8 (``quantize_int8``; the model
     is changed in place): SmolLM2-135M's weights take 224 MB instead of 542, perplexity rises
     0.15%, and on an AVX2 CPU decoding is a little slower, not faster. ``compile=True``
     compiles the one-token decode step with torch.compile over a static KV cache: the same
@@ -110,9 +129,9 @@ class Engine:
     a new batch size. Both are off by default for that reason (benchmarks/RESULTS.md).
     """
 
-    def __init__(self, checkpoint, device: torch.device | str = "cpu", compile: bool = False,
-                 quantize: str | None = None):
-        self.model = prepare_for_decoding(checkpoint.model.to(device).eval(), compile, quantize)
+    def __init__(self, checkpoint, device: torch.device | str = "cpu", dtype: str | None = None,
+                 compile: bool = False, quantize: str | None = None):
+        self.model = prepare_for_decoding(checkpoint.model.to(device), dtype, compile, quantize)
         self.tokenizer = checkpoint.tokenizer
         self.device = torch.device(device)
         self.block_size = checkpoint.config.block_size

@@ -39,18 +39,19 @@ def newest_run(root: Path = Path("runs")) -> Path:
 def run_sample(model_path: str | None, prompt: str = "\n", num_samples: int = 1, max_new_tokens: int = 500,
                temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                min_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-               device: str = "auto", compile: bool = False, quantize: str | None = None) -> list[str]:
+               device: str = "auto", dtype: str = "auto", compile: bool = False,
+               quantize: str | None = None) -> list[str]:
     """Print ``num_samples`` continuations of ``prompt`` as they are generated; return them.
-    ``compile`` and ``quantize`` are the engine's (see ``prepare_for_decoding``)."""
+    ``dtype``, ``compile`` and ``quantize`` are the engine's (see ``prepare_for_decoding``)."""
+    from gptlab.device import pick_device
     from gptlab.inference.engine import prepare_for_decoding
     from gptlab.train.checkpoint import load_checkpoint
-    from gptlab.train.system import pick_device
 
     check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     path = Path(model_path) if model_path is not None else newest_run()
     dev = pick_device(device)
     loaded = load_checkpoint(path, device=dev)
-    model, tok = prepare_for_decoding(loaded.model.eval(), compile, quantize), loaded.tokenizer
+    model, tok = prepare_for_decoding(loaded.model, dtype, compile, quantize), loaded.tokenizer
     if not prompt:
         raise UserError("--prompt is empty; give some text to continue (the default is a newline)")
     prompt_ids = tok.encode(prompt)

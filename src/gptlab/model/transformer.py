@@ -227,7 +227,7 @@ class GPT(nn.Module):
         elif pos_embedding == "sinusoidal":
             # As in the paper, embeddings are scaled by sqrt(C) so that the fixed table, whose
             # entries are about 0.7 in size, does not drown them: (B, T, C) + (T or B, T, C).
-            x = x * math.sqrt(self.config.n_embd) + self.sinusoid[pos]
+            x = x * math.sqrt(self.config.n_embd) + self.sinusoid[pos].to(x.dtype)
         elif pos_embedding == "rope" and attention_mask is None:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, D)
         elif pos_embedding == "rope":

@@ -490,14 +490,15 @@ async def _events(generation: Generation, head: dict, kind: str, piece_choice: C
 
 def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                device: str = "auto", limits: Limits = Limits(), max_concurrency: int = 1, max_queue: int = 8,
-               shutdown_grace: float = 5.0, compile: bool = False, quantize: str | None = None) -> None:
+               shutdown_grace: float = 5.0, dtype: str = "auto", compile: bool = False,
+               quantize: str | None = None) -> None:
     """Load ``model`` (default: the chat default, smollm2-135m-instruct) and serve it until
     SIGTERM or Ctrl-C, which end it gracefully (see ``create_app``) with exit status 0."""
     import uvicorn
 
+    from gptlab.device import pick_device
     from gptlab.inference.chat import DEFAULT_CHAT_MODEL
     from gptlab.train.checkpoint import load_checkpoint
-    from gptlab.train.system import pick_device
 
     # After its graceful shutdown uvicorn raises the signal again, for the handler that was
     # there before it; SIGTERM's default would then kill the process as if nothing had been
@@ -507,7 +508,8 @@ def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, api
     try:
         name = model or DEFAULT_CHAT_MODEL
         dev = pick_device(device)
-        engine = Engine(load_checkpoint(name, device=dev), device=dev, compile=compile, quantize=quantize)
+        engine = Engine(load_checkpoint(name, device=dev), device=dev, dtype=dtype, compile=compile,
+                        quantize=quantize)
         app = create_app(engine, Path(name).name or name, api_key=api_key, max_concurrency=max_concurrency,
                          max_queue=max_queue, limits=limits, shutdown_grace=shutdown_grace)
         if api_key is None and not _is_loopback(host):

@@ -46,8 +46,8 @@ from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed
 from gptlab.train.metrics import MetricsLogger, plot_loss
 from gptlab.train.optim import build_optimizer, lr_at, set_lr
-from gptlab.train.system import (CompiledOrEager, autocast, dtype_name, pick_device, pick_dtype, to_device,
-                                 use_fast_matmuls)
+from gptlab.device import Hardware, autocast, bf16_hint, pick_device, pick_dtype, to_device, use_fast_matmuls
+from gptlab.train.system import CompiledOrEager
 
 #: one micro-batch: tensors on the CPU, moved to the device by the loop
 Batch = tuple[torch.Tensor, ...]
@@ -265,7 +265,8 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
     d = distributed.setup(cfg.device)
     distributed.check_same_settings({"train": cfg.to_dict(), "job": job.description}, d)
     device = distributed.device_for(d, pick_device(cfg.device))
-    dtype = pick_dtype(cfg.dtype, device)
+    precision = pick_dtype(cfg.dtype, device)
+    dtype = precision.dtype
     use_fast_matmuls(device)
     random.seed(cfg.seed)
     model = job.model.to(device)
@@ -346,7 +347,10 @@ def run_job(job: Job, cfg: TrainConfig, run_dir: str | Path, state: dict[str, An
         return f"train {e['eval_train_loss']:.4f}, val {e['val_loss']:.4f} ({', '.join(extra)})"
 
     procs = f" | {d.world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if d.active else ""
-    say(f"{job.description} | {device.type} {dtype_name(dtype)}{procs} | run dir {run_dir}")
+    say(f"{job.description} | {device.type} {precision}{procs} | run dir {run_dir}")
+    hint = bf16_hint(precision, Hardware.of(device), sum(p.numel() for p in model.parameters()))
+    if hint:
+        say(f"note: {hint}")
     start_step, t0 = step, time.perf_counter()
     last_log_t, last_log_tokens = t0, tokens_seen
     paused = 0.0  # seconds spent on evaluation and samples since the last log, left out of tokens/s

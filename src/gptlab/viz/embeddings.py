@@ -33,7 +33,7 @@ def project(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
         from sklearn.manifold import TSNE
         from threadpoolctl import threadpool_limits
     except ImportError:
-        raise UserError("viz embeddings needs scikit-learn: pip install scikit-learn") from None
+        raise UserError("gptlab viz embeddings needs scikit-learn: pip install \"gptlab[viz]\"") from None
 
     pca = PCA(n_components=2, random_state=seed)
     pca_xy = pca.fit_transform(vectors)

@@ -373,7 +373,7 @@ def download_hf(spec: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise UserError("hf:ORG/NAME needs the huggingface_hub package: pip install huggingface_hub") from None
+        raise UserError("hf:ORG/NAME needs the huggingface_hub package: pip install \"gptlab[hf]\"") from None
     patterns = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     try:
