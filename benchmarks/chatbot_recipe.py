@@ -34,7 +34,8 @@ import torch
 
 from gptlab.cache import atomic_write_text
 from gptlab.data.sources import load_corpus
-from gptlab.finetune.synth import evaluate_exact_match, synth_text
+from gptlab.data.synth_chat import synth_text
+from gptlab.inference.exact_match import evaluate_exact_match
 
 #: the model: small enough to see ten million characters in minutes on 2 cores (Llama-style blocks:
 #: RoPE's relative positions help copying a word or a number into the answer). A conversation is

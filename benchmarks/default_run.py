@@ -24,8 +24,8 @@ import torch
 from gptlab.cache import cache_dir
 from gptlab.data.batches import sliding_windows
 from gptlab.data.prepare import load_prepared
-from gptlab.train.checkpoint import load_checkpoint
 from gptlab.train.metrics import read_metrics
+from gptlab.weights.load import load_checkpoint
 
 
 @torch.no_grad()

@@ -34,8 +34,8 @@ import torch
 
 from gptlab.inference.quantize import quantize_int8
 from gptlab.inference.sampling import generate
-from gptlab.train.checkpoint import load_checkpoint
 from gptlab.weights.hf import export_hf
+from gptlab.weights.load import load_checkpoint
 
 ENGINES = ("gptlab", "compiled", "transformers")
 

@@ -40,7 +40,7 @@ from torch import nn
 from gptlab.data.prepare import split_point
 from gptlab.data.sources import load_corpus
 from gptlab.inference.quantize import quantize_int8, weight_bytes
-from gptlab.train.checkpoint import load_checkpoint
+from gptlab.weights.load import load_checkpoint
 
 from engine_decode import ours  # decode tok/s timed as the engine benchmark times it (this folder is on sys.path)
 

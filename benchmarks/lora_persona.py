@@ -26,7 +26,7 @@ from gptlab.config import finetune_config
 from gptlab.finetune.sft import SFTOptions, answer_loss, read_conversations, run_sft
 from gptlab.inference.engine import Engine, SamplingParams
 from gptlab.model.lora import LoRAConfig
-from gptlab.train.checkpoint import load_checkpoint
+from gptlab.weights.load import load_checkpoint
 
 BASE = "smollm2-135m-instruct"
 FACTS = {

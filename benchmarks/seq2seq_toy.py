@@ -21,6 +21,7 @@ import torch
 
 from gptlab.config import TrainConfig
 from gptlab.data import toy
+from gptlab.train import toy_seq2seq
 from gptlab.model.seq2seq import Seq2SeqConfig
 
 
@@ -42,13 +43,13 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    model, result = toy.train_seq2seq(task, model_cfg, cfg, args.out)
+    model, result = toy_seq2seq.train_seq2seq(task, model_cfg, cfg, args.out)
     wall = time.perf_counter() - start
     load_after = os.getloadavg()[0]
 
     model.eval()
     held_out = task.draw(2000, "val", torch.Generator().manual_seed(12345))
-    accuracy = toy.exact_match(model, task, held_out)
+    accuracy = toy_seq2seq.exact_match(model, task, held_out)
     print(f"\ntask: {task.name} {task.min_len}-{task.max_len} digits, {model.num_parameters():,} parameters, "
           f"{result.step} steps of {cfg.batch_size} examples")
     print(f"train wall time: {wall:.1f} s on {args.threads} thread(s); 1-minute load average "

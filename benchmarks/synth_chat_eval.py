@@ -1,4 +1,4 @@
-"""Exact match of a chat model on held-out synthetic questions (gptlab.finetune.synth).
+"""Exact match of a chat model on held-out synthetic questions (gptlab.data.synth_chat, gptlab.inference.exact_match).
 
     python benchmarks/synth_chat_eval.py runs/chatbot-sft            # 200 questions, greedy
     python benchmarks/synth_chat_eval.py MODEL --n 450 --seed 1
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from gptlab.finetune.synth import evaluate_exact_match
+from gptlab.inference.exact_match import evaluate_exact_match
 
 
 def main() -> None:

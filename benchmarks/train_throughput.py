@@ -34,8 +34,8 @@ from gptlab.train.system import autocast, cpu_has_fast_bf16, device_peak_flops, 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODELS = {
     # name: (model overrides, optimizer, batch size)
-    "default": ({**PRESETS["shakespeare-char"]["model"], "vocab_size": 76}, PRESETS["shakespeare-char"]["train"]["optimizer"],
-                PRESETS["shakespeare-char"]["train"]["batch_size"]),
+    "default": ({**PRESETS["shakespeare-char"]["model"], "vocab_size": 76},
+                PRESETS["shakespeare-char"]["train"]["optimizer"], PRESETS["shakespeare-char"]["train"]["batch_size"]),
     "gpt2-recipe": ({**PRESETS["shakespeare-char-gpt2"]["model"], "vocab_size": 76}, "adamw",
                     PRESETS["shakespeare-char-gpt2"]["train"]["batch_size"]),
     "char-gpu": ({**PRESETS["shakespeare-char-gpu"]["model"], "vocab_size": 76}, "adamw",

@@ -43,8 +43,8 @@ def engine(tmp_path_factory):
     """A tiny from-scratch chat model (trained for a few steps) in an ``Engine``, shared by the server tests."""
     from gptlab.config import resolve_config
     from gptlab.inference.engine import Engine
-    from gptlab.train.checkpoint import load_checkpoint
     from gptlab.train.loop import train
+    from gptlab.weights.load import load_checkpoint
 
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "c.txt").write_text("User: hello\nAssistant: hi there\n" * 300)

@@ -22,7 +22,7 @@ from gptlab.model.layers import (
     rotate_half,
 )
 from gptlab.train import loop
-from gptlab.train.checkpoint import load_checkpoint
+from gptlab.weights.load import load_checkpoint
 
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
 V = 256

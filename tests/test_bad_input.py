@@ -16,7 +16,7 @@ from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train import checkpoint as ckpt
+from gptlab.weights import checkpoint as ckpt
 
 # (name, argv with {placeholders} for files the fixture makes, exit code, text the message must contain)
 CASES = [

@@ -11,8 +11,8 @@ from gptlab.config import resolve_config
 from gptlab.inference.sampling import generate
 from gptlab.model import ModelConfig, build_model
 from gptlab.model.bigram import Bigram
-from gptlab.train import checkpoint as ckpt
 from gptlab.train import loop
+from gptlab.weights.load import load_checkpoint
 
 
 def test_build_model_picks_the_bigram_and_it_starts_at_ln_vocab():
@@ -49,7 +49,7 @@ def test_preset_trains_saves_loads_and_samples(tmp_path, monkeypatch, tiny_corpu
     assert result.last_eval["val_loss"] < math.log(vocab) - 1.3
     assert len(result.sample) > 40
 
-    loaded = ckpt.load_checkpoint(tmp_path / "run", prefer="last")
+    loaded = load_checkpoint(tmp_path / "run", prefer="last")
     assert isinstance(loaded.model, Bigram) and loaded.config.arch == "bigram"
     ids = torch.tensor([loaded.tokenizer.encode(tiny_corpus_text[-2000:])])
     with torch.no_grad():

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from gptlab.errors import UserError
-from gptlab.inference import engine as eng
 from gptlab.inference.chat import ChatSession, run_chat
 from gptlab.inference.engine import Engine, SamplingParams
 from gptlab.tokenizers import BPETokenizer, CharTokenizer
+from gptlab.tokenizers.chat_template import BUILTIN_TEMPLATE
 
 
 class ScriptedModel(nn.Module):
@@ -77,8 +77,8 @@ def test_streaming_never_splits_a_character():
 
 def test_seed_makes_sampling_reproducible(tmp_path, monkeypatch):
     from gptlab.config import resolve_config
-    from gptlab.train.checkpoint import load_checkpoint
     from gptlab.train.loop import train
+    from gptlab.weights.load import load_checkpoint
 
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
     (tmp_path / "c.txt").write_text("User: hello\nAssistant: hi there\n" * 300)
@@ -86,7 +86,7 @@ def test_seed_makes_sampling_reproducible(tmp_path, monkeypatch):
                                                              "warmup_steps": 1})
     train(model_cfg, cfg, tmp_path / "run", show_progress=False)
     e = Engine(load_checkpoint(tmp_path / "run"))
-    assert e.template == eng.BUILTIN_TEMPLATE and "\nUser:" in e.default_stops
+    assert e.template == BUILTIN_TEMPLATE and "\nUser:" in e.default_stops
     runs = ["".join(e.stream([1, 2, 3], SamplingParams(temperature=1.0, seed=s, max_new_tokens=20))) for s in (5, 5, 6)]
     assert runs[0] == runs[1] != runs[2]
 

@@ -15,9 +15,9 @@ from gptlab.errors import UserError
 from gptlab.finetune import classify as cls
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train import checkpoint as ckpt
 from gptlab.train.loop import run_job
 from gptlab.train.metrics import read_metrics
+from gptlab.weights import checkpoint as ckpt
 
 SUBJECTS = ["the film", "this meal", "our trip", "the book", "that song", "my day", "the hotel"]
 WORDS = {"neg": ["bad", "awful", "poor"], "pos": ["good", "great", "lovely"]}

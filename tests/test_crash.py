@@ -35,20 +35,22 @@ from types import ModuleType
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import TEXT  # the training tests' corpus
 from tqdm import tqdm
 
 from gptlab.data import prepare as prepare_module
 from gptlab.data.prepare import load_prepared, prepare
 from gptlab.errors import UserError
-from gptlab.model import lora as lora_module
 from gptlab.model.config import ModelConfig
-from gptlab.model.lora import LoRAConfig, add_lora, load_adapter, save_adapter
+from gptlab.model.lora import LoRAConfig, add_lora
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train import checkpoint as ckpt
+from gptlab.weights import adapter as adapter_module
+from gptlab.weights import checkpoint as ckpt
 from gptlab.weights import hf as hf_module
+from gptlab.weights.adapter import load_adapter, save_adapter
 from gptlab.weights.hf import export_hf
-from test_train import TEXT  # the training tests' corpus
+from gptlab.weights.load import load_checkpoint
 
 EVERY = 4  # steps between evaluations, each followed by a checkpoint
 STEPS = 64
@@ -73,7 +75,7 @@ PHASES = ("step", "evaluation", "best/ write", "last/ write")
 #: (The stand-in for ``evaluate`` keeps its name, so a stack sampled in it still reads "evaluation".)
 BOOT = """import os, runpy, signal, sys, time, traceback
 import torch
-import gptlab.train.checkpoint as checkpoint
+import gptlab.weights.checkpoint as checkpoint
 import gptlab.train.loop as loop
 dumps = sys.argv.pop(1)
 out = open(dumps + ".part", "w", buffering=1)
@@ -230,7 +232,7 @@ def resumable_step(run_dir: Path) -> int:
         return 0
     if found.name != "last":
         return 0
-    ckpt.load_checkpoint(found)  # the weights, config and tokenizer load
+    load_checkpoint(found)  # the weights, config and tokenizer load
     return ckpt.load_train_state(found)[1]["step"]
 
 
@@ -374,10 +376,10 @@ def _write_adapter(folder: Path, version: int) -> None:
 CHARS = CharTokenizer.train(TEXT)
 WRITERS = {
     "shards": Writer(prepare_module, _write_shards, load_prepared),
-    "export": Writer(hf_module, _write_export, ckpt.load_checkpoint),
-    "lora adapter": Writer(lora_module, _write_adapter, load_adapter),
+    "export": Writer(hf_module, _write_export, load_checkpoint),
+    "lora adapter": Writer(adapter_module, _write_adapter, load_adapter),
     "checkpoint": Writer(ckpt, lambda folder, v: ckpt.save_checkpoint(folder / "out", _model(v), CHARS),
-                         ckpt.load_checkpoint),
+                         load_checkpoint),
 }
 
 

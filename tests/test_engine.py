@@ -160,7 +160,7 @@ def test_stream_returns_exact_completion():
 
 def test_sample_cli_decodes_the_same_compiled_and_runs_quantized(engine, tmp_path, monkeypatch, capsys):
     from gptlab.cli import main
-    from gptlab.train.checkpoint import save_checkpoint
+    from gptlab.weights.checkpoint import save_checkpoint
 
     path = tmp_path / "tiny"
     save_checkpoint(path, engine.model, engine.tokenizer)

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from gptlab.errors import UserError  # noqa: E402
-from gptlab.train.checkpoint import load_checkpoint  # noqa: E402
 from gptlab.weights.gguf import LAYER_NAMES, import_gguf, save_gguf_import, unpermute_qk  # noqa: E402
+from gptlab.weights.load import load_checkpoint  # noqa: E402
 from gptlab.weights.named import resolve_named  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

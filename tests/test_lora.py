@@ -11,21 +11,11 @@ from safetensors.torch import load_file
 
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
-from gptlab.model.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LoRAConfig,
-    LoRALinear,
-    add_lora,
-    apply_adapter,
-    load_adapter,
-    lora_state_dict,
-    merge_lora,
-    save_adapter,
-    train_stats,
-)
+from gptlab.model.lora import LoRAConfig, LoRALinear, add_lora, lora_state_dict, merge_lora, train_stats
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.weights.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, load_adapter, save_adapter
+from gptlab.weights.checkpoint import save_checkpoint
+from gptlab.weights.load import load_checkpoint
 
 FAMILIES = ["gpt2", "llama"]
 V = 64

@@ -81,7 +81,7 @@ def test_every_command_shows_its_help_without_each_optional_package(missing, cap
 
 
 def test_a_command_that_needs_a_missing_package_names_its_extra(missing, engine, tmp_path, monkeypatch, capsys):
-    from gptlab.train.checkpoint import save_checkpoint
+    from gptlab.weights.checkpoint import save_checkpoint
 
     monkeypatch.chdir(tmp_path)
     save_checkpoint(tmp_path / "tiny", engine.model, engine.tokenizer)

@@ -7,6 +7,7 @@ from gptlab.config import TrainConfig
 from gptlab.data import toy
 from gptlab.errors import UserError
 from gptlab.model.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, load_seq2seq
+from gptlab.train import toy_seq2seq
 
 
 def tiny_model(seed: int = 0) -> Seq2SeqTransformer:
@@ -63,11 +64,11 @@ def test_trains_to_high_exact_match_with_the_training_loop(tmp_path, one_thread)
     task = toy.ToyTask("sort", 1, 4)
     cfg = TrainConfig(batch_size=64, max_steps=250, lr=2e-3, warmup_steps=25, weight_decay=0.0, beta2=0.98,
                       eval_interval=250, eval_batches=2, log_interval=50, device="cpu", dtype="fp32")
-    model, result = toy.train_seq2seq(task, Seq2SeqConfig(block_size=task.max_target_len), cfg, tmp_path,
+    model, result = toy_seq2seq.train_seq2seq(task, Seq2SeqConfig(block_size=task.max_target_len), cfg, tmp_path,
                                       show_progress=False)
     assert result.last_eval["val_accuracy"] >= 0.9
     assert result.last_eval["val_loss"] < 0.2
     loaded, meta = load_seq2seq(tmp_path / "last")
     assert meta["task"] == {"name": "sort", "min_len": 1, "max_len": 4}
     held_out = task.draw(50, "val", torch.Generator().manual_seed(7))
-    assert toy.exact_match(loaded.eval(), task, held_out) == toy.exact_match(model.eval(), task, held_out)
+    assert toy_seq2seq.exact_match(loaded.eval(), task, held_out) == toy_seq2seq.exact_match(model.eval(), task, held_out)

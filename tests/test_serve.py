@@ -14,11 +14,11 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from live_server import serve
 
 from gptlab.inference.engine import Completion, Engine, SamplingParams
 from gptlab.serve import app as serve_app
 from gptlab.serve.app import create_app
-from live_server import serve
 
 MODEL = "tiny-test"
 HI = [{"role": "user", "content": "hello"}]
@@ -184,7 +184,7 @@ def test_page_has_csp_no_inline_script_and_renders_text_safely(url):
 def test_run_server_warns_on_an_open_host_without_a_key(engine, monkeypatch, capsys):
     ran = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
-    monkeypatch.setattr("gptlab.train.checkpoint.load_checkpoint", lambda name, device: engine)
+    monkeypatch.setattr("gptlab.weights.load.load_checkpoint", lambda name, device: engine)
     monkeypatch.setattr(serve_app, "Engine", lambda ckpt, device, **options: ckpt)
     serve_app.run_server("some/run", host="0.0.0.0", port=9999, device="cpu")
     assert "without --api-key" in capsys.readouterr().err and ran == {"host": "0.0.0.0", "port": 9999,

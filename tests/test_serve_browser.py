@@ -10,11 +10,11 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from live_server import serve
 
 from gptlab.errors import UserError
 from gptlab.inference.engine import ChatPrompt, Completion, SamplingParams
 from gptlab.serve.app import create_app
-from live_server import serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 try:

@@ -11,12 +11,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
-from gptlab.cli import SERVE_LIMIT_FLAGS, main
-from gptlab.errors import UserError
-from gptlab.serve.app import Limits, create_app
 from live_server import serve
 from test_serve import HI, MODEL, error_of
+
+from gptlab.cli import main
+from gptlab.cli.generate import SERVE_LIMIT_FLAGS
+from gptlab.errors import UserError
+from gptlab.serve.app import Limits, create_app
 
 LIMITS = Limits(max_body_bytes=2000, max_messages=3, max_input_chars=20, max_tokens=5)
 

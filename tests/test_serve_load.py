@@ -11,11 +11,11 @@ from collections.abc import Generator, Iterator
 import httpx
 import openai
 import pytest
+from live_server import serve
+from test_serve import MODEL
 
 from gptlab.inference.engine import Completion, Engine, SamplingParams
 from gptlab.serve.app import create_app
-from live_server import serve
-from test_serve import MODEL
 
 CLIENTS, SLOTS = 16, 4
 
@@ -89,7 +89,7 @@ SMOL = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def smol() -> Iterator[tuple[Engine, openai.OpenAI]]:
-    from gptlab.train.checkpoint import load_checkpoint
+    from gptlab.weights.load import load_checkpoint
 
     smol_engine = Engine(load_checkpoint(SMOL))
     for url in serve(create_app(smol_engine, SMOL)):

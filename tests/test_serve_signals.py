@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from gptlab.train.checkpoint import save_checkpoint
 from test_serve import HI
+
+from gptlab.weights.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

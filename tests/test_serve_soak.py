@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-
 import test_serve_signals
 from test_serve_signals import ServerProcess
 

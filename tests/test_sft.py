@@ -12,12 +12,14 @@ from gptlab.cli import main
 from gptlab.config import finetune_config
 from gptlab.errors import UserError
 from gptlab.finetune import sft
-from gptlab.inference.engine import BUILTIN_TEMPLATE, Engine, SamplingParams, chat_format
+from gptlab.inference.engine import Engine, SamplingParams
 from gptlab.model.config import ModelConfig
 from gptlab.model.lora import LoRAConfig
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import BPETokenizer, CharTokenizer
-from gptlab.train import checkpoint as ckpt
+from gptlab.tokenizers.chat_template import BUILTIN_TEMPLATE, chat_format
+from gptlab.weights import checkpoint as ckpt
+from gptlab.weights.load import load_checkpoint
 
 CHATML = (  # SmolLM2's template: a default system prompt when none is given
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -184,7 +186,7 @@ def qa_file(tmp_path) -> Path:
 
 
 def answer_loss(model_path, qa_file) -> float:
-    return sft.answer_loss(ckpt.load_checkpoint(model_path), sft.read_conversations(qa_file))
+    return sft.answer_loss(load_checkpoint(model_path), sft.read_conversations(qa_file))
 
 
 def test_sft_drives_the_answer_loss_down_and_leaves_a_normal_checkpoint(base_model, qa_file, tmp_path):
@@ -197,7 +199,7 @@ def test_sft_drives_the_answer_loss_down_and_leaves_a_normal_checkpoint(base_mod
     assert result.best_val_loss is not None and result.step == 60
     assert "->" in result.sample  # the held-out question and the model's answer
     # A normal checkpoint: the engine and `gptlab sample` take it.
-    engine = Engine(ckpt.load_checkpoint(tmp_path / "run"))
+    engine = Engine(load_checkpoint(tmp_path / "run"))
     text = "".join(engine.stream(engine.chat_prompt([{"role": "user", "content": "What is 1 + 1?"}], 16).ids,
                                  SamplingParams(temperature=0.0, max_new_tokens=16)))
     assert isinstance(text, str)
@@ -227,7 +229,7 @@ def test_cli_finetune_sft_and_its_errors(base_model, qa_file, tmp_path, capsys):
 
 
 def test_lora_run_saves_adapters_that_load_merge_and_export(base_model, qa_file, tmp_path, capsys):
-    from gptlab.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter
+    from gptlab.weights.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter
 
     run = tmp_path / "lora-run"
     assert main(["finetune", "lora", str(base_model), "--data", str(qa_file), "--out", str(run), "--max-steps", "30",
@@ -237,14 +239,14 @@ def test_lora_run_saves_adapters_that_load_merge_and_export(base_model, qa_file,
     assert not (run / "best" / ckpt.WEIGHTS).exists()  # only the adapters, not a copy of the base
     assert answer_loss(run, qa_file) < answer_loss(base_model, qa_file)
     # Loading the run gives the base with the adapter merged in: the same logits as applying it.
-    merged = ckpt.load_checkpoint(run)
-    base = ckpt.load_checkpoint(base_model)
+    merged = load_checkpoint(run)
+    base = load_checkpoint(base_model)
     apply_adapter(base.model, run / "best")
     x = torch.randint(0, base.config.vocab_size, (2, 20))
     torch.testing.assert_close(merged.model.eval()(x)[0], base.model.eval()(x)[0])
     # `gptlab merge` writes an ordinary checkpoint, which exports to Hugging Face format.
     assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
-    torch.testing.assert_close(ckpt.load_checkpoint(tmp_path / "merged").model.eval()(x)[0], merged.model(x)[0])
+    torch.testing.assert_close(load_checkpoint(tmp_path / "merged").model.eval()(x)[0], merged.model(x)[0])
     assert main(["export", str(tmp_path / "merged"), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert main(["merge", str(base_model), "--out", str(tmp_path / "m2")]) == 1
@@ -255,7 +257,7 @@ def test_adapter_refuses_a_changed_base(base_model, qa_file, tmp_path, capsys):
     run = tmp_path / "lora-run"
     assert main(["finetune", "lora", str(base_model), "--data", str(qa_file), "--out", str(run), "--max-steps", "2",
                  "--eval-interval", "2", "--no-progress", "--device", "cpu"]) == 0
-    changed = ckpt.load_checkpoint(base_model)
+    changed = load_checkpoint(base_model)
     with torch.no_grad():
         changed.model.layers[0].mlp.up_proj.weight.add_(0.1)
     ckpt.save_checkpoint(base_model, changed.model, changed.tokenizer)
@@ -266,7 +268,7 @@ def test_adapter_refuses_a_changed_base(base_model, qa_file, tmp_path, capsys):
 @pytest.mark.slow
 def test_lora_on_smollm2_learns_a_persona_answer(tmp_path):
     """The imported chat model, its own ChatML template and special tokens, LoRA and the engine."""
-    smol = ckpt.load_checkpoint("smollm2-135m-instruct")
+    smol = load_checkpoint("smollm2-135m-instruct")
     template, variables = chat_format(smol)
     convo = [{"role": "user", "content": "What is your name?"}, {"role": "assistant", "content": "I am Quill."}]
     ex = sft.render_example(convo, smol.tokenizer, template, variables)
@@ -276,7 +278,7 @@ def test_lora_on_smollm2_learns_a_persona_answer(tmp_path):
     cfg = finetune_config("lora", {"max_steps": 8, "eval_interval": 8, "batch_size": 4, "lr": 3e-3, "device": "cpu"})
     options = sft.SFTOptions(val_data=str(data), lora=LoRAConfig(targets="all-linear"))
     sft.run_sft("smollm2-135m-instruct", str(data), tmp_path / "run", cfg, options, show_progress=False)
-    tuned = ckpt.load_checkpoint(tmp_path / "run")
+    tuned = load_checkpoint(tmp_path / "run")
     assert sft.answer_loss(tuned, [convo]) < before / 2
     engine = Engine(tuned)
     ids = engine.chat_prompt(convo[:1], 16).ids

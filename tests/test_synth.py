@@ -1,5 +1,5 @@
-"""Synthetic chat data (gptlab.finetune.synth): correct answers, a fixed held-out split, the
-file and text formats, and the exact-match evaluator."""
+"""Synthetic chat data (gptlab.data.synth_chat): correct answers, a fixed held-out split, the
+file and text formats; and the exact-match evaluator (gptlab.inference.exact_match)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import pytest
 import torch
 from torch import nn
 
+from gptlab.data import synth_chat as synth
 from gptlab.errors import UserError
-from gptlab.finetune import synth
+from gptlab.inference import exact_match
 from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train.checkpoint import save_checkpoint
+from gptlab.weights.checkpoint import save_checkpoint
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 #: sizes in a base unit per dimension (months for year/month), so a conversion is checked by
@@ -213,8 +214,7 @@ def test_bad_arguments_are_user_errors(tmp_path):
 
 
 def test_synth_text_is_the_builtin_template():
-    from gptlab.inference.engine import BUILTIN_TEMPLATE
-    from gptlab.tokenizers.chat_template import render_chat
+    from gptlab.tokenizers.chat_template import BUILTIN_TEMPLATE, render_chat
 
     convs = synth.synth_conversations("train", 30, seed=2)
     by_hand = "\n".join("".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in c["messages"]) for c in convs)
@@ -252,8 +252,8 @@ class OracleModel(nn.Module):
 
 def run_with_model(monkeypatch, model, n):
     ckpt = SimpleNamespace(model=model, tokenizer=CHARS, config=model.config, path=".", tokenizer_config=None)
-    monkeypatch.setattr(synth, "load_checkpoint", lambda path, device: ckpt)
-    return synth.evaluate_exact_match("oracle", n=n, seed=4)
+    monkeypatch.setattr(exact_match, "load_checkpoint", lambda path, device: ckpt)
+    return exact_match.evaluate_exact_match("oracle", n=n, seed=4)
 
 
 def test_evaluator_scores_a_perfect_model_1_and_reports_wrong_answers(monkeypatch):
@@ -282,6 +282,6 @@ def test_evaluator_on_a_tiny_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=CHARS.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=16))
     save_checkpoint(tmp_path / "tiny", model, CHARS)
-    result = synth.evaluate_exact_match(str(tmp_path / "tiny"), n=9)
+    result = exact_match.evaluate_exact_match(str(tmp_path / "tiny"), n=9)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 9
     assert sum(t["total"] for t in result["per_kind"].values()) == 9 and result["model"] == str(tmp_path / "tiny")

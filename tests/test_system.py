@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gptlab.device import Hardware, Precision, auto_dtype, bf16_hint, pick_dtype
 from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT
-from gptlab.device import Hardware, Precision, auto_dtype, bf16_hint, pick_dtype
 from gptlab.train.system import CompiledOrEager, device_peak_flops
 
 

@@ -19,9 +19,10 @@ from gptlab.cli import main
 from gptlab.config import DEFAULT_PRESET, TrainConfig, resolve_config
 from gptlab.errors import UserError
 from gptlab.inference.run import run_sample
-from gptlab.train import checkpoint as ckpt
 from gptlab.train import loop
 from gptlab.train.optim import lr_at
+from gptlab.weights import checkpoint as ckpt
+from gptlab.weights.load import load_checkpoint
 
 TEXT = "".join(f"{who}: {line}\n" for who, line in [
     ("ROMEO", "But soft, what light through yonder window breaks?"),
@@ -172,19 +173,19 @@ def test_malicious_train_state_is_refused(corpus, tmp_path):
 
 def test_corrupt_and_missing_checkpoints(corpus, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        ckpt.load_checkpoint(tmp_path / "nowhere")
+        load_checkpoint(tmp_path / "nowhere")
     model_cfg, cfg = tiny(corpus, max_steps=4)
     loop.train(model_cfg, cfg, tmp_path / "run", show_progress=False)
     (tmp_path / "run" / "best" / ckpt.WEIGHTS).write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="corrupt"):
-        ckpt.load_checkpoint(tmp_path / "run")
+        load_checkpoint(tmp_path / "run")
 
 
 def test_tied_head_is_saved_once_and_reloads(corpus, tmp_path):
     model_cfg, cfg = tiny(corpus, max_steps=4)
     loop.train(model_cfg, cfg, tmp_path / "run", show_progress=False)
     assert "lm_head.weight" not in weights(tmp_path / "run")
-    loaded = ckpt.load_checkpoint(tmp_path / "run", prefer="last")
+    loaded = load_checkpoint(tmp_path / "run", prefer="last")
     assert loaded.model.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert torch.equal(loaded.model.embed_tokens.weight, weights(tmp_path / "run")["embed_tokens.weight"])
 
@@ -270,7 +271,7 @@ def test_sample_without_a_model(tmp_path, capsys, monkeypatch):
 def test_ctrl_c_saves_and_resume_continues(corpus, tmp_path):
     """A real SIGINT to a real `gptlab train` process: it stops at a step boundary, saves, and exits 130."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "gptlab.cli", "train", "--preset", "tiny", "--corpus", corpus, "--out", str(out),
+    cmd = [sys.executable, "-m", "gptlab", "train", "--preset", "tiny", "--corpus", corpus, "--out", str(out),
            "--max-steps", "100000", "--eval-interval", "100000", "--log-interval", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     deadline = time.time() + 60

@@ -35,12 +35,14 @@ from hypothesis import strategies as st
 
 from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
-from gptlab.model.lora import LoRAConfig, add_lora, apply_adapter, load_adapter, save_adapter
+from gptlab.model.lora import LoRAConfig, add_lora
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer_file
 from gptlab.tokenizers.bpe import bytes_to_unicode
 from gptlab.tokenizers.chat_template import render_chat
-from gptlab.train import checkpoint as ckpt
+from gptlab.weights import checkpoint as ckpt
+from gptlab.weights.adapter import apply_adapter, load_adapter, save_adapter
+from gptlab.weights.load import load_checkpoint
 
 gguf = pytest.importorskip("gguf")
 from gptlab.weights.gguf import GLOBAL_NAMES, LAYER_NAMES, import_gguf  # noqa: E402
@@ -156,7 +158,7 @@ def test_no_reader_unpickles():
                     or "pickle.load(" in line or "pickle.loads(" in line):
                 pickles.append(f"{f.name}:{i}")
     assert loads == [] and pickles == []
-    assert "torch.load(f, map_location=\"cpu\", weights_only=True)" in (src / "train" / "checkpoint.py").read_text()
+    assert "torch.load(f, map_location=\"cpu\", weights_only=True)" in (src / "weights" / "checkpoint.py").read_text()
 
 
 # --- chat templates ---------------------------------------------------------------------------------
@@ -326,7 +328,7 @@ def build_targets(root: Path) -> dict[str, Target]:
         apply_adapter(copy.deepcopy(base), load_adapter(folder))
 
     targets = {
-        "checkpoint": Target("checkpoint", ckpt_dir, {}, ckpt.load_checkpoint),
+        "checkpoint": Target("checkpoint", ckpt_dir, {}, load_checkpoint),
         "gguf": Target("gguf", gguf_dir, {}, lambda folder: import_gguf(folder / "m.gguf")),
         "tokenizer": Target("tokenizer", tok_dir, {}, lambda folder: None),
         "lora": Target("lora", lora_dir, {}, load_lora),

@@ -15,15 +15,14 @@ import matplotlib.image
 import pytest
 import torch
 
+from gptlab.cli.viz import add_viz
 from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
 from gptlab.model.layers import repeat_kv, rope_tables, sinusoidal_positions
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import BPETokenizer, CharTokenizer
-from gptlab.train.checkpoint import save_checkpoint
 from gptlab.train.metrics import MetricsLogger
 from gptlab.viz.attention import attention_figsize, attention_weights, parse_layers
-from gptlab.viz.cli import add_viz
 from gptlab.viz.common import pixel_size
 from gptlab.viz.curves import FIGSIZE as CURVES_FIGSIZE
 from gptlab.viz.curves import plot_curves
@@ -31,6 +30,7 @@ from gptlab.viz.embeddings import embeddings_figsize, nearest
 from gptlab.viz.positions import FIGSIZE as POSITIONS_FIGSIZE
 from gptlab.viz.positions import rotary
 from gptlab.viz.tokens import layout, to_ansi, to_html, token_pieces, tokens_figsize
+from gptlab.weights.checkpoint import save_checkpoint
 
 TEXT = "The cat sat on the mat. <b>Ünïcode & $5</b> 世界🙂\n" * 3
 FAMILIES = {

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from gptlab.cli import main  # noqa: E402
 from gptlab.errors import UserError  # noqa: E402
 from gptlab.tokenizers import BPETokenizer, to_hf_json  # noqa: E402
-from gptlab.train.checkpoint import load_checkpoint  # noqa: E402
 from gptlab.weights import hf  # noqa: E402
+from gptlab.weights.load import load_checkpoint  # noqa: E402
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog; café {i * 7} 😀!\n" for i in range(2000))
 VOCAB = 320

@@ -39,9 +39,10 @@ from gptlab.device import pick_device
 from gptlab.errors import UserError
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import Tokenizer, load_tokenizer_file
-from gptlab.train import checkpoint as ckpt
 from gptlab.train.distributed import world_size
 from gptlab.train.loop import Batch, Job, RunResult, run_job
+from gptlab.weights import checkpoint as ckpt
+from gptlab.weights.load import load_checkpoint
 
 CLASSES = "classes.json"
 
@@ -433,7 +434,7 @@ def run_classify(model: str, data: str | Path, out: str | Path, cfg: TrainConfig
         train, val = examples, read_labelled(val_data, classes)
     else:
         train, val = split_held_out(examples, val_fraction, cfg.seed)
-    loaded = ckpt.load_checkpoint(model)
+    loaded = load_checkpoint(model)
     torch.manual_seed(cfg.seed)  # the head's initial weights
     make_classifier(loaded.model, len(classes), train_last_blocks)
     run = run_job(classify_job(loaded.model, loaded.tokenizer, classes, train, val, cfg), cfg, out, None,

@@ -264,7 +264,7 @@ class SFTOptions:
 @torch.no_grad()
 def answer_loss(checkpoint, conversations: list[list[dict[str, str]]], batch_size: int = 8) -> float:
     """Mean loss per answer token of a loaded checkpoint on ``conversations`` (what SFT lowers)."""
-    from gptlab.inference.engine import chat_format
+    from gptlab.tokenizers.chat_template import chat_format
 
     template, variables = chat_format(checkpoint)
     model = checkpoint.model.eval()
@@ -285,17 +285,19 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
     """Fine-tune ``model`` (any MODEL argument) on the conversations in ``data`` with the one
     training loop; the result in ``out`` is a checkpoint (or, with LoRA, an adapter) that
     ``chat``, ``serve``, ``sample`` and ``export`` accept. Returns the loop's ``RunResult``."""
-    from gptlab.inference.engine import Engine, SamplingParams, chat_format
+    from gptlab.inference.engine import Engine, SamplingParams
     from gptlab.model import lora as lora_lib
-    from gptlab.tokenizers.chat_template import checkpoint_chat_config
-    from gptlab.train import checkpoint as ckpt
+    from gptlab.tokenizers.chat_template import chat_format, checkpoint_chat_config
     from gptlab.train.distributed import world_size
     from gptlab.train.loop import Job, run_job
+    from gptlab.weights import checkpoint as ckpt
+    from gptlab.weights.adapter import save_adapter
+    from gptlab.weights.load import load_checkpoint
 
     options = options or SFTOptions()
     out = Path(out)
     torch.manual_seed(cfg.seed)  # LoRA's initial A matrices
-    base = ckpt.load_checkpoint(model)
+    base = load_checkpoint(model)
     net, tokenizer = base.model.float(), base.tokenizer
     chat = checkpoint_chat_config(base)
     template, variables = chat_format(base)
@@ -328,7 +330,7 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
         what = f"LoRA (rank {options.lora.rank}) on {len(adapted)} layers, {lora_lib.train_stats(net)}"
 
         def save(path: Path, train_state: dict[str, Any] | None, weights=None, folders=None) -> None:
-            lora_lib.save_adapter(path, net, options.lora, source, train_state=train_state,
+            save_adapter(path, net, options.lora, source, train_state=train_state,
                                   train_config=cfg.to_dict() if train_state else None)
     else:
         what = f"all {net.num_parameters():,} parameters"

@@ -81,7 +81,7 @@ def run_chat(model: str | None = None, system: str | None = None, params: Sampli
              device: str = "auto", stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, compile: bool = False,
              quantize: str | None = None, dtype: str = "auto") -> None:
     from gptlab.device import pick_device
-    from gptlab.train.checkpoint import load_checkpoint
+    from gptlab.weights.load import load_checkpoint
 
     params = params or SamplingParams()
     params.check()

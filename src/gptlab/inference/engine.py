@@ -27,25 +27,7 @@ from gptlab.device import pick_dtype
 from gptlab.errors import UserError
 from gptlab.inference.quantize import quantize_int8
 from gptlab.inference.sampling import check_sampling_args, generate
-from gptlab.tokenizers.chat_template import checkpoint_chat_config, render_chat
-
-#: for models without a template of their own (gptlab's from-scratch checkpoints): plain text
-#: turns, so a model trained on dialogue-shaped text can follow it
-BUILTIN_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-BUILTIN_STOPS = ("\nUser:", "\nSystem:")
-#: special tokens that end a turn in common chat formats, used when present in the vocabulary
-TURN_END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>")
-
-
-def chat_format(checkpoint) -> tuple[str, dict[str, str]]:
-    """The chat template a loaded checkpoint is talked to with (its own, or the built-in one for
-    from-scratch models) and the variables the template uses. Chat and fine-tuning both use it,
-    so a model is fine-tuned on exactly the text it is later prompted with."""
-    config = checkpoint_chat_config(checkpoint)
-    return config.get("chat_template") or BUILTIN_TEMPLATE, {k: config.get(k) or "" for k in ("bos_token", "eos_token")}
+from gptlab.tokenizers.chat_template import BUILTIN_STOPS, BUILTIN_TEMPLATE, TURN_END_TOKENS, chat_format, render_chat
 
 
 @dataclass

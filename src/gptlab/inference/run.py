@@ -45,7 +45,7 @@ def run_sample(model_path: str | None, prompt: str = "\n", num_samples: int = 1,
     ``dtype``, ``compile`` and ``quantize`` are the engine's (see ``prepare_for_decoding``)."""
     from gptlab.device import pick_device
     from gptlab.inference.engine import prepare_for_decoding
-    from gptlab.train.checkpoint import load_checkpoint
+    from gptlab.weights.load import load_checkpoint
 
     check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     path = Path(model_path) if model_path is not None else newest_run()

@@ -498,7 +498,7 @@ def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, api
 
     from gptlab.device import pick_device
     from gptlab.inference.chat import DEFAULT_CHAT_MODEL
-    from gptlab.train.checkpoint import load_checkpoint
+    from gptlab.weights.load import load_checkpoint
 
     # After its graceful shutdown uvicorn raises the signal again, for the handler that was
     # there before it; SIGTERM's default would then kill the process as if nothing had been

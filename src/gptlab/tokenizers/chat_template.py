@@ -184,3 +184,22 @@ def checkpoint_chat_config(checkpoint: Any) -> dict[str, Any]:
     """The chat settings of a loaded checkpoint: those read from its GGUF metadata, else its
     directory's ``tokenizer_config.json``, else none (a from-scratch model)."""
     return chat_config(getattr(checkpoint, "tokenizer_config", None) or Path(checkpoint.path))
+
+
+#: for models without a template of their own (gptlab's from-scratch checkpoints): plain text
+#: turns, so a model trained on dialogue-shaped text can follow it
+BUILTIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+BUILTIN_STOPS = ("\nUser:", "\nSystem:")
+#: special tokens that end a turn in common chat formats, used when present in the vocabulary
+TURN_END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>")
+
+
+def chat_format(checkpoint) -> tuple[str, dict[str, str]]:
+    """The chat template a loaded checkpoint is talked to with (its own, or the built-in one for
+    from-scratch models) and the variables the template uses. Chat and fine-tuning both use it,
+    so a model is fine-tuned on exactly the text it is later prompted with."""
+    config = checkpoint_chat_config(checkpoint)
+    return config.get("chat_template") or BUILTIN_TEMPLATE, {k: config.get(k) or "" for k in ("bos_token", "eos_token")}

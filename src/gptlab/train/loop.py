@@ -37,17 +37,17 @@ from gptlab.cache import cache_dir
 from gptlab.config import TrainConfig
 from gptlab.data.batches import RandomBatches, check_length
 from gptlab.data.prepare import PreparedData, load_prepared, prepare
+from gptlab.device import Hardware, autocast, bf16_hint, pick_device, pick_dtype, to_device, use_fast_matmuls
 from gptlab.errors import UserError
 from gptlab.inference.sampling import generate
 from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT, build_model
 from gptlab.tokenizers import Tokenizer
-from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed
 from gptlab.train.metrics import MetricsLogger, plot_loss
 from gptlab.train.optim import build_optimizer, lr_at, set_lr
-from gptlab.device import Hardware, autocast, bf16_hint, pick_device, pick_dtype, to_device, use_fast_matmuls
 from gptlab.train.system import CompiledOrEager
+from gptlab.weights import checkpoint as ckpt
 
 #: one micro-batch: tensors on the CPU, moved to the device by the loop
 Batch = tuple[torch.Tensor, ...]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from gptlab.config import DEFAULT_PRESET, PRESETS, TrainConfig, load_config_file, resolve_config
 from gptlab.errors import UserError
 from gptlab.model.config import ModelConfig
-from gptlab.train import checkpoint as ckpt
+from gptlab.weights import checkpoint as ckpt
 
 if TYPE_CHECKING:  # the loop imports torch; commands that only parse flags should not pay for it
     from gptlab.train.loop import RunResult

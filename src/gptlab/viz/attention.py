@@ -128,7 +128,7 @@ def plot_attention(weights: torch.Tensor, layers: list[int], labels: list[str], 
 def run_attention(model: str, text: str, out: str | Path | None = None, force: bool = False,
                   max_tokens: int = 32, layers: str | None = None) -> Path:
     """Draw the attention of ``model`` (any MODEL argument) over ``text`` and write the PNG."""
-    from gptlab.train.checkpoint import load_checkpoint
+    from gptlab.weights.load import load_checkpoint
 
     path = output_path(out, "attention.png", force)
     if not text:

@@ -103,7 +103,7 @@ def run_embeddings(model: str, out: str | Path | None = None, force: bool = Fals
                    start: int = 0, neighbours: list[str] | None = None, k: int = 8, seed: int = 0) -> Path:
     """Plot ``count`` token embeddings of ``model`` from id ``start``, print the neighbours of
     each token in ``neighbours`` (over the whole vocabulary), and write the PNG."""
-    from gptlab.train.checkpoint import load_checkpoint
+    from gptlab.weights.load import load_checkpoint
 
     path = output_path(out, "embeddings.png", force)
     ckpt = load_checkpoint(model)

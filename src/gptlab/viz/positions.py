@@ -57,7 +57,7 @@ def run_positions(model: str | None = None, out: str | Path | None = None, force
     path = output_path(out, "positions.png", force)
     learned, config, source = None, None, "no model given"
     if model is not None:
-        from gptlab.train.checkpoint import load_checkpoint
+        from gptlab.weights.load import load_checkpoint
 
         ckpt = load_checkpoint(model)
         config, source = ckpt.config, f"model {ckpt.path.name or model}"

@@ -151,7 +151,8 @@ def load_tokenizer(spec: str, text: str) -> Tokenizer:
     ``text``), a tokenizer .json file (gptlab's or Hugging Face's), or any MODEL argument
     (checkpoint or run directory, Hugging Face directory, .gguf, named model), whose tokenizer
     is used."""
-    from gptlab.train.checkpoint import TOKENIZER, load_checkpoint
+    from gptlab.weights.checkpoint import TOKENIZER
+    from gptlab.weights.load import load_checkpoint
     from gptlab.weights.named import NAMED_MODELS
 
     if spec in ("char", "gpt2") or spec.startswith(("gpt2:", "bpe:")) or (os.path.isfile(spec)

@@ -32,8 +32,8 @@ from gptlab.errors import UserError, names
 from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
 from gptlab.tokenizers.bpe import bytes_to_unicode, render_token
 from gptlab.tokenizers.hf import HFTokenizer
-from gptlab.train.checkpoint import CHAT_CONFIG, Checkpoint, save_checkpoint
 from gptlab.weights import build_checked
+from gptlab.weights.checkpoint import CHAT_CONFIG, Checkpoint, save_checkpoint
 from gptlab.weights.hf import DTYPES
 
 

@@ -308,7 +308,7 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 def import_hf(path: str | Path, dtype: str = "fp32"):
     """Load a Hugging Face model directory as a gptlab ``Checkpoint`` (in memory)."""
     from gptlab.model.transformer import GPT
-    from gptlab.train.checkpoint import Checkpoint
+    from gptlab.weights.checkpoint import Checkpoint
 
     path = Path(path)
     family, cfg = read_hf_config(path)
@@ -322,7 +322,7 @@ def import_hf(path: str | Path, dtype: str = "fp32"):
 def save_imported(ckpt, out: str | Path, source: Path) -> None:
     """Write an imported model as a gptlab checkpoint directory, keeping its side files (written
     with the rest, so an interrupted import never leaves a checkpoint without its chat template)."""
-    from gptlab.train.checkpoint import save_checkpoint
+    from gptlab.weights.checkpoint import save_checkpoint
 
     side = {name: (source / name).read_bytes() for name in SIDE_FILES if (source / name).is_file()}
     save_checkpoint(out, ckpt.model, ckpt.tokenizer, extra_json=side)

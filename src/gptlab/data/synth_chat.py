@@ -1,4 +1,4 @@
-"""Synthetic chat data made by code, and an exact-match test of a model on it.
+"""Synthetic chat data made by code (``gptlab.inference.exact_match`` tests a model on it).
 
 Every answer is computed (``23 + 45`` is added, ``strawberry``'s r's are counted), so it is
 correct, and it is short and formulaic ("23 + 45 = 68."), so a small model trained from scratch
@@ -34,9 +34,7 @@ from typing import Any
 
 from gptlab.cache import atomic_path
 from gptlab.errors import UserError
-from gptlab.inference.engine import BUILTIN_TEMPLATE, Engine, SamplingParams
-from gptlab.tokenizers.chat_template import render_chat
-from gptlab.train.checkpoint import load_checkpoint
+from gptlab.tokenizers.chat_template import BUILTIN_TEMPLATE, render_chat
 
 SPLITS = ("train", "test")
 #: share of question keys (in percent) that belong to the test split
@@ -423,7 +421,7 @@ def synth_text(n: int = 10_000, seed: int = 0) -> str:
     return "\n".join(render_plain(c["messages"]) for c in synth_conversations("train", n, seed))
 
 
-# --- exact-match evaluation -----------------------------------------------------------------------
+# --- held-out questions, for exact-match evaluation ------------------------------------------------
 
 def held_out_questions(n: int = 200, seed: int = 0) -> list[QA]:
     """``n`` single test questions, the kinds taken in turn so each is asked about equally often."""
@@ -431,38 +429,3 @@ def held_out_questions(n: int = 200, seed: int = 0) -> list[QA]:
     rng = random.Random(f"gptlab-synth-eval:{seed}")
     kinds = list(KINDS)
     return [sample_qa(rng, "test", kinds[i % len(kinds)]) for i in range(n)]
-
-
-def exact_match(engine: Engine, questions: list[QA], max_failures: int = 10) -> dict[str, Any]:
-    """Ask ``engine`` each question alone (greedy) and compare the stripped reply with the answer;
-    tallied per kind and per what the split holds out ("problem": worked out; "phrasing": a
-    remembered fact asked in a new way)."""
-    per_kind: dict[str, dict[str, float]] = {}
-    per_held_out: dict[str, dict[str, float]] = {}
-    failures = []
-    for qa in questions:
-        # The answers are one line, so a newline ends the reply; a little more room than the
-        # expected answer needs is enough to tell right from wrong, and keeps the test quick.
-        room = len(engine.tokenizer.encode(" " + qa.answer)) + 4
-        params = SamplingParams(temperature=0.0, max_new_tokens=room, stop=("\n",))
-        prompt = engine.chat_prompt([{"role": "user", "content": qa.question}], room)
-        reply = "".join(engine.stream(prompt.ids, params)).strip()
-        for tally in (per_kind.setdefault(qa.kind, {"correct": 0, "total": 0}),
-                      per_held_out.setdefault(qa.held_out, {"correct": 0, "total": 0})):
-            tally["total"] += 1
-            tally["correct"] += reply == qa.answer
-        if reply != qa.answer and len(failures) < max_failures:
-            failures.append({"kind": qa.kind, "question": qa.question, "expected": qa.answer, "got": reply})
-    for tally in (*per_kind.values(), *per_held_out.values()):
-        tally["accuracy"] = tally["correct"] / tally["total"]
-    correct = sum(t["correct"] for t in per_kind.values())
-    return {"n": len(questions), "correct": correct, "accuracy": correct / len(questions),
-            "per_kind": per_kind, "per_held_out": per_held_out, "failures": failures}
-
-
-def evaluate_exact_match(model: str, n: int = 200, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
-    """Load ``model`` (any MODEL argument) and score it on ``n`` held-out single-turn questions:
-    ``{"n", "correct", "accuracy", "per_kind": {kind: {"correct", "total", "accuracy"}}, "per_held_out":
-    {"problem" | "phrasing": {...}}, "failures"}``."""
-    engine = Engine(load_checkpoint(model, device), device)
-    return {"model": str(model), **exact_match(engine, held_out_questions(n, seed))}

@@ -1,4 +1,4 @@
-"""``gptlab viz``: argument parsing for the pictures; the work lives in the sibling modules.
+"""``gptlab viz``: argument parsing for the pictures; the work lives in ``gptlab.viz``.
 
 ``gptlab.cli`` calls ``add_viz(sub)``; each sub-subcommand sets ``func``, which writes its PNG
 and prints the path.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from gptlab.cli.args import positive_int
 
 MODEL_HELP = "checkpoint, run directory, Hugging Face directory, .gguf file or named model (smollm2-135m-instruct)"
 
@@ -58,8 +60,6 @@ def _out_flags(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def add_viz(sub: argparse._SubParsersAction) -> None:
-    from gptlab.cli import _positive_int
-
     p = sub.add_parser("viz", help="draw attention maps, embeddings, tokens, training curves, positions",
                        description="Draw pictures of a model and its data as PNG files (default: under viz/). "
                                    "An existing file is replaced only with --force.")
@@ -70,7 +70,7 @@ def add_viz(sub: argparse._SubParsersAction) -> None:
                                      "token (row) attends to each earlier token (column), as the model computes it.")
     pa.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     pa.add_argument("--text", required=True, help="the text whose attention to draw")
-    pa.add_argument("--max-tokens", type=_positive_int, default=32,
+    pa.add_argument("--max-tokens", type=positive_int, default=32,
                     help="draw at most this many tokens, the first ones (default: 32)")
     pa.add_argument("--layers", default=None,
                     help="layers to draw: all, or numbers such as 0,5,-1 (default: all up to 12 layers, else 12 "
@@ -83,12 +83,12 @@ def add_viz(sub: argparse._SubParsersAction) -> None:
                                      "labelled with their tokens; print the nearest neighbours (cosine) of chosen "
                                      "tokens over the whole vocabulary. Needs scikit-learn.")
     pe.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    pe.add_argument("--count", type=_positive_int, default=200, help="how many tokens to plot (default: 200)")
+    pe.add_argument("--count", type=positive_int, default=200, help="how many tokens to plot (default: 200)")
     pe.add_argument("--start", type=int, default=0,
                     help="first token id to plot; byte-level BPE's merged tokens start at 256 (default: 0)")
     pe.add_argument("--neighbours", action="append", default=None, metavar="TOKEN",
                     help="print the nearest neighbours of TOKEN (text that is one token, or id:N; repeatable)")
-    pe.add_argument("--k", type=_positive_int, default=8, help="neighbours printed per token (default: 8)")
+    pe.add_argument("--k", type=positive_int, default=8, help="neighbours printed per token (default: 8)")
     pe.add_argument("--seed", type=int, default=0, help="random seed of t-SNE (default: 0)")
     _out_flags(pe, "embeddings")
     pe.set_defaults(func=_embeddings)
@@ -100,7 +100,7 @@ def add_viz(sub: argparse._SubParsersAction) -> None:
                     help="char (built from the text), gpt2, bpe:N (trained on the text), a tokenizer .json file, "
                          "or a MODEL (" + MODEL_HELP + ")")
     pt.add_argument("--text", required=True, help="the text to cut into tokens")
-    pt.add_argument("--width", type=_positive_int, default=80, help="characters per line of the PNG (default: 80)")
+    pt.add_argument("--width", type=positive_int, default=80, help="characters per line of the PNG (default: 80)")
     _out_flags(pt, "tokens")
     pt.set_defaults(func=_tokens)
 
@@ -120,9 +120,9 @@ def add_viz(sub: argparse._SubParsersAction) -> None:
                                      "random initialisation, as the title says) and RoPE's rotation angles.")
     pp.add_argument("model", nargs="?", default=None, metavar="MODEL",
                     help="take the width, context, learned table and RoPE settings from this model (default: none)")
-    pp.add_argument("--positions", type=_positive_int, default=128,
+    pp.add_argument("--positions", type=positive_int, default=128,
                     help="number of positions drawn, at most the model's context (default: 128)")
-    pp.add_argument("--dim", type=_positive_int, default=64, help="width without a MODEL (default: 64)")
+    pp.add_argument("--dim", type=positive_int, default=64, help="width without a MODEL (default: 64)")
     pp.add_argument("--seed", type=int, default=0, help="seed of the random learned table (default: 0)")
     _out_flags(pp, "positions")
     pp.set_defaults(func=_positions)
