@@ -12,7 +12,7 @@ median of the per-round ratios. Then the tokens/s of a batch of 8 prompts of the
 also in turns.
 
 - gptlab: the eager engine, a KV cache that grows with the text.
-- compiled: ``GPT.compile_decode`` (torch.compile of the one-token step over a static KV
+- compiled: ``compile_decode`` (torch.compile of the one-token step over a static KV
   cache). Its compile time is reported on its own: the first generation at each batch size
   (compiling) minus a later one of the same length.
 - With --quantize int8 both gptlab engines run ``quantize_int8``'s int8 weights.
@@ -32,6 +32,7 @@ import warnings
 
 import torch
 
+from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.quantize import quantize_int8
 from gptlab.inference.sampling import generate
 from gptlab.weights.hf import export_hf
@@ -109,7 +110,7 @@ def main() -> None:
         engines["gptlab"] = (ours, model)
     if "compiled" in names:
         compiled = copy.deepcopy(model)
-        compiled.compile_decode(mode=args.compile_mode)
+        compile_decode(compiled, mode=args.compile_mode)
         engines["compiled"] = (ours, compiled)
     versions = ""
     if "transformers" in names:

@@ -29,7 +29,8 @@ from gptlab.config import PRESETS, TrainConfig
 from gptlab.model.config import ModelConfig
 from gptlab.model.transformer import GPT
 from gptlab.train.optim import build_optimizer
-from gptlab.train.system import autocast, cpu_has_fast_bf16, device_peak_flops, to_device, use_fast_matmuls
+from gptlab.device import autocast, cpu_has_fast_bf16, to_device, use_fast_matmuls
+from gptlab.train.system import device_peak_flops
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODELS = {

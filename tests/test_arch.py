@@ -81,7 +81,7 @@ def test_validate_reports_every_bad_option():
         bad.validate()
     message = str(err.value)
     assert "\n" not in message
-    for field in ("n_kv_head=5", "pos_embedding", "norm=", "mlp=", "norm_eps", "rope_theta",
+    for field in ("n_kv_head=5", "pos_embedding", "norm must", "mlp must", "norm_eps", "rope_theta",
                   "intermediate_size", "qkv_bias", "sliding_window"):
         assert field in message
     with pytest.raises(UserError, match="divisible by n_kv_head"):

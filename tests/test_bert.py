@@ -186,8 +186,8 @@ def test_config_validation_and_round_trip():
     assert BertConfig.from_dict(cfg.to_dict()) == cfg
     msg = one_line_error(lambda: BertConfig(hidden_size=30, num_attention_heads=4, hidden_dropout_prob=1.5).validate(),
                          "invalid BERT config")
-    assert "hidden_size=30" in msg and "hidden_dropout_prob=1.5" in msg
-    one_line_error(lambda: BertConfig.from_dict({"hidden_sise": 32}), "unknown BERT config key")
+    assert "hidden_size=30" in msg and "hidden_dropout_prob must be in [0, 1), got 1.5" in msg
+    one_line_error(lambda: BertConfig.from_dict({"hidden_sise": 32}), "BERT config: unknown key")
     model = Bert(cfg)
     one_line_error(lambda: model(torch.zeros(1, 513, dtype=torch.long)), "exceed BERT's 512 positions")
 

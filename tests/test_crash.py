@@ -71,7 +71,7 @@ PHASES = ("step", "evaluation", "best/ write", "last/ write")
 #: thread's frames while it runs sometimes crashed the process.
 #: Writing a checkpoint's weights and each evaluation are made 20 ms slower, and each training
 #: step 5 ms: for this tiny model they take about a millisecond, too short for the test to land a
-#: kill in them reliably (the sleep in a step sits in gradient clipping, called from run_job).
+#: kill in them reliably (the sleep in a step sits in gradient clipping, in Run.optimizer_step under run_job).
 #: (The stand-in for ``evaluate`` keeps its name, so a stack sampled in it still reads "evaluation".)
 BOOT = """import os, runpy, signal, sys, time, traceback
 import torch
@@ -174,7 +174,9 @@ def launch(workdir: Path, *argv: str, fresh: bool = False) -> Run:
 
 
 def phase_of(frames: list[str]) -> str:
-    """Name the phase from the function names on the main thread's stack."""
+    """Name the phase from the function names on the main thread's stack: ``run_job`` (the loop,
+    whose ``Run`` methods are its steps), ``Run.save_last`` and ``evaluate`` in gptlab.train.loop,
+    ``save_checkpoint`` in gptlab.weights.checkpoint."""
     if "save_checkpoint" in frames:
         return "last/ write" if "save_last" in frames else "best/ write"
     if "evaluate" in frames:

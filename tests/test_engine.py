@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gptlab.inference import generate
+from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.engine import Completion, Engine, SamplingParams
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizers import CharTokenizer
@@ -98,7 +99,7 @@ def test_padded_generation_with_a_static_cache_and_a_traced_step_agrees(variant)
     torch._dynamo.reset()
     # dynamo's "eager" backend: the step traced into one graph (fullgraph) and run by torch
     # ops, which checks the static path's padding masks without a C++ build.
-    model.compile_decode(backend="eager")
+    compile_decode(model, backend="eager")
     assert model.new_kv_cache().static
     assert greedy() == growing
     torch._dynamo.reset()
@@ -112,7 +113,7 @@ def test_engine_compile_gives_the_eager_answers():
     torch._dynamo.reset()
     compiled = Engine(SimpleNamespace(model=model_of("llama"), tokenizer=CHARS, config=eager.model.config, path=".",
                                       tokenizer_config=None), compile=True)
-    assert compiled.model.compiled_decode is not None
+    assert compiled.model.new_kv_cache().static  # compiled: its caches are static
     assert compiled.generate_batch(PROMPTS, params) == expected
     assert [run_stream(compiled, p, params)[1] for p in PROMPTS[:2]] == expected[:2]
     torch._dynamo.reset()
@@ -164,20 +165,19 @@ def test_sample_cli_decodes_the_same_compiled_and_runs_quantized(engine, tmp_pat
 
     path = tmp_path / "tiny"
     save_checkpoint(path, engine.model, engine.tokenizer)
-    compile_decode = GPT.compile_decode
     compiled = []
 
-    def quick_compile(self, **options):  # dynamo's graph capture without inductor's C++ build: seconds
-        compiled.append(self)
-        compile_decode(self, backend="eager")
+    def quick_compile(model, **options):  # dynamo's graph capture without inductor's C++ build: seconds
+        compiled.append(model)
+        compile_decode(model, backend="eager")
 
-    monkeypatch.setattr(GPT, "compile_decode", quick_compile)
+    monkeypatch.setattr("gptlab.inference.engine.compile_decode", quick_compile)
     base = ["sample", str(path), "--prompt", "User: hello", "--greedy", "--max-new-tokens", "12", "--device", "cpu"]
     outputs = []
     for extra in ([], ["--compile"], ["--quantize", "int8"]):
         assert main(base + extra) == 0
         outputs.append(capsys.readouterr().out)
-    assert len(compiled) == 1 and compiled[0].compiled_decode is not None
+    assert len(compiled) == 1 and compiled[0].new_kv_cache().static
     assert outputs[1] == outputs[0] and outputs[0].startswith("User: hello")
     assert outputs[2].startswith("User: hello") and len(outputs[2]) > len("User: hello\n")
 

@@ -8,6 +8,7 @@ import torch
 
 from gptlab.errors import UserError
 from gptlab.inference import generate
+from gptlab.inference.compiled_decode import compile_decode
 from gptlab.model import GPT, KVCache, ModelConfig
 
 V = 128
@@ -169,7 +170,7 @@ def compile_counting_graphs(model: GPT) -> list:
         graphs.append(graph_module)
         return graph_module.forward
 
-    model.compile_decode(backend=backend)
+    compile_decode(model, backend=backend)
     return graphs
 
 
@@ -196,7 +197,7 @@ def test_inductor_compiled_decode_matches_eager(variant):
     with torch.no_grad():
         eager_logits = [model(prompt, kv_cache=eager_cache)[0]]
     torch._dynamo.reset()
-    model.compile_decode()
+    compile_decode(model)
     assert greedy(model, prompt, 16, use_cache=True) == eager
     cache = model.new_kv_cache()
     assert cache.static

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
-from gptlab.model.lora import LoRAConfig, LoRALinear, add_lora, lora_state_dict, merge_lora, train_stats
+from gptlab.model.lora import LoRAConfig, LoRALinear, add_lora, lora_flag, lora_state_dict, merge_lora, train_stats
 from gptlab.tokenizers import CharTokenizer
 from gptlab.weights.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, load_adapter, save_adapter
 from gptlab.weights.checkpoint import save_checkpoint
@@ -145,12 +145,19 @@ def test_target_parsing_and_validation():
     assert LoRAConfig(targets=" q_proj , o_proj, ").targets == ("q_proj", "o_proj")
     assert LoRAConfig(targets=["up_proj"]).targets == ("up_proj",)
     with pytest.raises(UserError, match=r"'q_prj', 'lm_head' not valid; choose from q_proj, k_proj"):
-        LoRAConfig(targets="q_prj,lm_head")
+        LoRAConfig(targets="q_prj,lm_head").validate()
     with pytest.raises(UserError, match="targets: none not valid"):
-        LoRAConfig(targets="")
+        LoRAConfig(targets="").validate()
     with pytest.raises(UserError) as err:
-        LoRAConfig(rank=0, alpha=-1.0, dropout=1.0)
-    assert all(f in str(err.value) for f in ("rank=0", "alpha=-1.0", "dropout=1.0"))
+        LoRAConfig(rank=0, alpha=-1.0, dropout=1.0).validate()
+    assert all(f in str(err.value) for f in ("rank must be a positive whole number, got 0",
+                                             "alpha must be a positive number, got -1.0",
+                                             "dropout must be in [0, 1), got 1.0"))
+    # Given as flags, they are named as flags; and add_lora refuses a bad config too.
+    with pytest.raises(UserError, match="--lora-rank must be a positive whole number, got 0"):
+        LoRAConfig(rank=0).validate(lora_flag)
+    with pytest.raises(UserError, match="rank must be"):
+        add_lora(tiny("llama"), LoRAConfig(rank=-1))
     # gate_proj is a valid name but GPT-2's GELU MLP has no such layer.
     gpt2 = tiny("gpt2")
     with pytest.raises(UserError, match="gate_proj match no layer of this gpt2 model; its layers are q_proj, "
@@ -211,7 +218,7 @@ def test_damaged_adapters_are_one_line_errors(tmp_path):
     config.write_text(good_config[:-20])
     refused(path, f"{ADAPTER_CONFIG} is corrupt")
     config.write_text(good_config.replace('"rank": 2', '"rank": -2'))
-    refused(path, "rank=-2 must be a positive integer")
+    refused(path, "rank must be a positive whole number, got -2")
     config.write_text(good_config.replace('"base_model"', '"base"'))
     refused(path, f"{ADAPTER_CONFIG} is corrupt")
     config.unlink()

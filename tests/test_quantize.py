@@ -10,6 +10,7 @@ from torch import nn
 
 from gptlab.errors import UserError
 from gptlab.inference import generate
+from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.engine import Engine, SamplingParams
 from gptlab.inference.quantize import QuantLinear, quantize_int8, quantize_weight, weight_bytes
 from gptlab.model import GPT, ModelConfig
@@ -93,7 +94,7 @@ def test_quantized_model_traces_into_a_compiled_decode_step():
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     eager = list(generate(model, prompt, 8, temperature=0))
     torch._dynamo.reset()
-    model.compile_decode(backend="eager")  # one graph (fullgraph) through the QuantLinear layers
+    compile_decode(model, backend="eager")  # one graph (fullgraph) through the QuantLinear layers
     assert list(generate(model, prompt, 8, temperature=0)) == eager
     torch._dynamo.reset()
 

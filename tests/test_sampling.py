@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from gptlab.errors import UserError
 from gptlab.inference import (
     apply_temperature,
+    check_sampling_args,
     generate,
     min_p_filter,
     sample_next,
@@ -96,7 +97,11 @@ def test_filter_properties(probs, k, p):
 )
 def test_bad_settings_are_all_reported(kwargs, bad):
     with pytest.raises(UserError) as err:
-        sample_next(torch.zeros(1, 4), **kwargs)
+        check_sampling_args(**kwargs)
+    assert all(name in str(err.value) for name in bad)
+    # generate checks them once, before the first step
+    with pytest.raises(UserError) as err:
+        next(generate(CountingModel(), torch.tensor([[0]]), 3, **kwargs))
     assert all(name in str(err.value) for name in bad)
 
 
@@ -213,7 +218,7 @@ def test_repetition_penalty_by_hand_and_against_transformers():
     big, prev = torch.randn(3, 50, generator=g), torch.randint(50, (3, 12), generator=g)
     torch.testing.assert_close(apply_repetition_penalty(big, prev, 1.3), proc(prev, big.clone()))
     with pytest.raises(UserError, match="repetition_penalty"):
-        apply_repetition_penalty(logits, previous, 0.0)
+        check_sampling_args(repetition_penalty=0.0)
 
 
 def test_repetition_penalty_changes_greedy_generation():

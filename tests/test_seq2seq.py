@@ -27,7 +27,7 @@ def test_tasks_split_and_batch():
     assert tgt_out[1, :5].tolist() == [*toy.encode("0079"), toy.EOS]
     assert tgt_out[0, 3:].eq(toy.IGNORE).all()  # nothing to learn after the first EOS
     assert toy.ToyTask("reverse").answer(toy.encode("123")) == toy.encode("321")
-    with pytest.raises(UserError, match="unknown toy task"):
+    with pytest.raises(UserError, match="invalid toy task: name must be one of reverse, sort"):
         toy.ToyTask("add")
 
 

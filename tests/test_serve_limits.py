@@ -17,7 +17,8 @@ from test_serve import HI, MODEL, error_of
 from gptlab.cli import main
 from gptlab.cli.generate import SERVE_LIMIT_FLAGS
 from gptlab.errors import UserError
-from gptlab.serve.app import Limits, create_app
+from gptlab.serve.app import create_app
+from gptlab.serve.limits import Limits
 
 LIMITS = Limits(max_body_bytes=2000, max_messages=3, max_input_chars=20, max_tokens=5)
 
@@ -93,7 +94,7 @@ def test_messages_input_length_and_max_tokens_have_limits(url):
 
 
 def test_limits_are_checked_and_reach_the_command_line(monkeypatch):
-    with pytest.raises(UserError, match="max_messages=0"):
+    with pytest.raises(UserError, match="--max-messages must be a positive whole number, got 0"):
         Limits(max_messages=0)
     with pytest.raises(UserError, match="shutdown_grace"):
         create_app(None, MODEL, shutdown_grace=-1)

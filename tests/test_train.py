@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from gptlab.cli import main
 from gptlab.config import DEFAULT_PRESET, TrainConfig, resolve_config
 from gptlab.errors import UserError
+from gptlab.inference.engine import SamplingParams
 from gptlab.inference.run import run_sample
 from gptlab.train import loop
 from gptlab.train.optim import lr_at
@@ -72,7 +73,8 @@ def test_resume_is_exact(corpus, tmp_path, optimizer):
     first = loop.train(model_cfg, cfg, tmp_path / "split", show_progress=False)
     assert first.step == 8 and first.stopped == "max_tokens"
     model_cfg, cfg = tiny(corpus, max_steps=16, optimizer=optimizer)
-    second = loop.train(model_cfg, cfg, tmp_path / "split", resume=True, show_progress=False)
+    second = loop.train(model_cfg, cfg, tmp_path / "split", resume=loop.read_saved_run(tmp_path / "split"),
+                        show_progress=False)
     assert second.step == 16
 
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
@@ -216,7 +218,7 @@ def test_cli_train_then_sample(corpus, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out != first
     assert main(["sample", "--greedy", "--max-new-tokens", "5", "--num-samples", "2"]) == 0  # newest run
     assert "--- sample 2 ---" in capsys.readouterr().out
-    greedy = run_sample(None, prompt="JULIET:", num_samples=2, max_new_tokens=8, temperature=0.0)
+    greedy = run_sample(None, prompt="JULIET:", num_samples=2, params=SamplingParams(max_new_tokens=8, temperature=0.0))
     assert greedy[0] == greedy[1] and len(greedy[0]) == len("JULIET:") + 8
 
 
@@ -225,7 +227,7 @@ def test_cli_train_then_sample(corpus, tmp_path, capsys, monkeypatch):
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--batch-size", "0", "--lr", "0"], "--batch-size must be a positive whole number, got 0; --lr"),
     (["--block-size", "100000"], "fewer than block_size + 1"),
-    (["--n-embd", "30", "--n-head", "4"], "n_embd=30 must be divisible by n_head=4"),
+    (["--n-embd", "30", "--n-head", "4"], "--n-embd=30 must be divisible by --n-head=4"),
     (["--config", "missing.json"], "does not exist"),
     (["--target-loss", "-1"], "--target-loss must be a positive number"),
 ])

@@ -689,7 +689,7 @@ def test_files_that_make_the_rust_tokenizers_panic_end_in_one_line(targets, file
 # holding a line break made a two-line message.
 @pytest.mark.parametrize("patch, message", [
     (lambda c: c.update(rank=2**62), "not rank"),
-    (lambda c: c.update({"ra\nnk": 2}), "unknown LoRA config key"),
+    (lambda c: c.update({"ra\nnk": 2}), "LoRA config: unknown key"),
 ])
 def test_damaged_adapter_configs_end_in_one_line_before_allocation(targets, patch, message):
     target = targets["lora"]

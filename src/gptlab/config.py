@@ -13,15 +13,13 @@ naming the flag that sets it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gptlab.device import DTYPE_CHOICES
-from gptlab.errors import UserError, names
+from gptlab.errors import Problems, Settings, UserError, flag, is_int, is_number, unknown_keys
 from gptlab.model.config import FAMILY_DEFAULTS, ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -29,7 +27,7 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Everything about a training run except the model's shape."""
 
     # --- data ---
@@ -104,59 +102,26 @@ class TrainConfig:
     seed: int = 1337
     """Seeds weights, batches and dropout; the same seed gives the same run on CPU."""
 
-    def problems(self) -> list[str]:
-        """Every invalid setting, each naming its flag."""
-        out = []
+    WHAT = "training settings"
 
-        def flag(name: str) -> str:
-            return "--" + name.replace("_", "-")
-
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
-                     "sample_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                out.append(f"{flag(name)} must be a positive whole number, got {v!r}")
-        for name in ("warmup_steps", "sample_interval"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                out.append(f"{flag(name)} must be a whole number >= 0, got {v!r}")
-        for name in ("max_tokens", "patience"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                out.append(f"{flag(name)} must be a positive whole number, got {v!r}")
-        if self.target_loss is not None and not (isinstance(self.target_loss, (int, float))
-                                                 and math.isfinite(self.target_loss) and self.target_loss > 0):
-            out.append(f"--target-loss must be a positive number, got {self.target_loss!r}")
-        if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
-            out.append(f"--max-time must be a positive number of seconds, got {self.max_time!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            out.append(f"--lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
-            out.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+    def _check(self, p: Problems) -> None:
+        p.whole("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
+                "sample_tokens")
+        p.whole("warmup_steps", "sample_interval", minimum=0)
+        p.whole("max_tokens", "patience", optional=True)
+        p.positive("target_loss", "max_time", optional=True)
+        p.positive("lr", "muon_lr")
+        p.within("min_lr_ratio", 0.0, 1.0, high_included=True)
         for name in ("weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                out.append(f"{flag(name)} must be a number >= 0, got {v!r}")
-        for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 <= v < 1):
-                out.append(f"{flag(name)} must be in [0, 1), got {v!r}")
-        if isinstance(self.warmup_steps, int) and isinstance(self.max_steps, int) and self.warmup_steps > self.max_steps:
-            out.append(f"--warmup-steps ({self.warmup_steps}) cannot exceed --max-steps ({self.max_steps})")
-        if self.optimizer not in OPTIMIZERS:
-            out.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not (isinstance(self.muon_lr, (int, float)) and math.isfinite(self.muon_lr) and self.muon_lr > 0):
-            out.append(f"--muon-lr must be a positive number, got {self.muon_lr!r}")
-        if not (isinstance(self.muon_momentum, (int, float)) and 0 <= self.muon_momentum < 1):
-            out.append(f"--muon-momentum must be in [0, 1), got {self.muon_momentum!r}")
-        if self.device not in DEVICES:
-            out.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.dtype not in DTYPE_CHOICES:
-            out.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+            value = getattr(self, name)
+            p.must(is_number(value) and value >= 0, name, "a number >= 0")
+        for name in ("beta1", "beta2", "muon_momentum"):
+            p.within(name, 0.0, 1.0)
+        p.add(not (is_int(self.warmup_steps) and is_int(self.max_steps)) or self.warmup_steps <= self.max_steps,
+              f"{p.said('warmup_steps')} cannot exceed {p.said('max_steps')}")
+        p.choice("optimizer", OPTIMIZERS)
+        p.choice("device", DEVICES)
+        p.choice("dtype", DTYPE_CHOICES)
 
 
 # --- presets -------------------------------------------------------------------------------
@@ -276,18 +241,10 @@ def finetune_config(kind: str, overrides: dict[str, Any] | None = None) -> Train
     if "warmup_steps" not in overrides and isinstance(d["max_steps"], int):
         d["warmup_steps"] = min(d["warmup_steps"], d["max_steps"] // 10)
     cfg = TrainConfig(**d)
-    problems = cfg.problems()
+    problems = cfg.problems(flag)
     if problems:
         raise UserError("; ".join(problems))
     return cfg
-
-
-def _check_keys(section: dict[str, Any], cls: type, where: str) -> list[str]:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(section) - set(valid))
-    if unknown:
-        return [f"{where}: unknown key(s) {names(unknown)}; valid keys: {', '.join(valid)}"]
-    return []
 
 
 def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -322,19 +279,15 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
     train_d: dict[str, Any] = {}
     problems: list[str] = []
     for where, layer in layers:
-        problems += _check_keys(layer.get("model", {}), ModelConfig, f"{where} [model]")
-        problems += _check_keys(layer.get("train", {}), TrainConfig, f"{where} [train]")
+        problems += unknown_keys(layer.get("model", {}), ModelConfig, f"{where} [model]")
+        problems += unknown_keys(layer.get("train", {}), TrainConfig, f"{where} [train]")
         model_d.update(layer.get("model", {}))
         train_d.update(layer.get("train", {}))
     if problems:
         raise UserError("; ".join(problems))
     model_cfg = ModelConfig(**model_d)
     train_cfg = TrainConfig(**train_d)
-    problems = train_cfg.problems()
-    try:
-        model_cfg.validate()
-    except UserError as e:
-        problems.append(str(e))
+    problems = model_cfg.problems(flag) + train_cfg.problems(flag)
     if problems:
         raise UserError("; ".join(problems))
     return model_cfg, train_cfg

@@ -6,14 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gptlab.cli.args import (
-    add_config_flags,
-    fraction,
-    given,
-    positive_int,
-    refuse_overwrite,
-)
-from gptlab.errors import UserError
+from gptlab.cli.args import add_config_flags, fraction, given, positive_int, refuse_overwrite
+from gptlab.errors import UserError, flag
 
 # --- gptlab finetune / merge ---------------------------------------------------------------
 
@@ -48,13 +42,13 @@ def _finetune_sft(args: argparse.Namespace) -> int:
 
     from gptlab.config import finetune_config
     from gptlab.finetune.sft import SFTOptions, run_sft
-    from gptlab.model.lora import LoRAConfig
+    from gptlab.model.lora import LoRAConfig, lora_flag
 
     kind = "lora" if args.lora else "sft"
     cfg = finetune_config(kind, given(args, FINETUNE_TRAIN_FLAGS))
     lora = (LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                       targets=args.lora_targets) if args.lora else None)
-    options = SFTOptions(**given(args, SFT_FLAGS), lora=lora)
+                       targets=args.lora_targets).validate(lora_flag) if args.lora else None)
+    options = SFTOptions(**given(args, SFT_FLAGS), lora=lora).validate(flag)
     out = _finetune_out(args, kind)
     start = time.perf_counter()
     result = run_sft(args.model, args.data, out, cfg, options, show_progress=not args.no_progress)

@@ -3,18 +3,44 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from gptlab.cli.args import positive_int
 
-# --- gptlab sample -------------------------------------------------------------------------
+if TYPE_CHECKING:
+    from gptlab.inference.engine import SamplingParams
 
-def _sample(args: argparse.Namespace) -> None:
-    from gptlab.inference.run import run_sample
+# --- the flags of every command that generates ------------------------------------------------
 
-    run_sample(args.model, prompt=args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-               temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
-               min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, device=args.device,
-               dtype=args.dtype, compile=args.compile, quantize=args.quantize)
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p, --min-p, --repetition-penalty, --greedy and
+    --seed, with ``SamplingParams``' defaults: the same for every command that takes them."""
+    from gptlab.inference.engine import SamplingParams
+
+    default = SamplingParams()
+    p.add_argument("--max-new-tokens", type=positive_int, default=default.max_new_tokens,
+                   help=f"most tokens to generate per sample or answer (default: {default.max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=default.temperature,
+                   help=f"divide logits by this; lower is more conservative, 0 is greedy (default: "
+                        f"{default.temperature:g})")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample only from the smallest set of tokens whose probability reaches p")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than min_p times the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="above 1 discourages repeating earlier tokens (default: off)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible output")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The ``SamplingParams`` that ``add_sampling_flags``' flags ask for."""
+    from gptlab.inference.engine import SamplingParams
+
+    return SamplingParams(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
 def add_decoding_flags(p: argparse.ArgumentParser) -> None:
@@ -28,8 +54,18 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                    help="compile the one-token decode step (torch.compile over a static KV cache): the same tokens, "
                         "~1.2x faster decoding on a CPU, after a one-off compile of a minute or more")
     p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="store the block weights as int8: ~2.4x less weight memory for ~0.2%% more perplexity "
-                        "(not faster on CPUs without fast int8 kernels)")
+                   help="store the block weights as int8: less weight memory for slightly higher perplexity, "
+                        "not faster on CPUs without fast int8 kernels (measured in benchmarks/RESULTS.md, "
+                        "'int8 weight-only quantisation')")
+
+
+# --- gptlab sample -------------------------------------------------------------------------
+
+def _sample(args: argparse.Namespace) -> None:
+    from gptlab.inference.run import run_sample
+
+    run_sample(args.model, prompt=args.prompt, num_samples=args.num_samples, params=sampling_params(args),
+               device=args.device, dtype=args.dtype, compile=args.compile, quantize=args.quantize)
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -39,18 +75,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
                    help="a run directory or checkpoint directory (default: the newest run under runs/)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--num-samples", type=positive_int, default=1, help="how many samples (default: 1)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=500, help="tokens per sample (default: 500)")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="divide logits by this; lower is more conservative, 0 is greedy (default: 0.8)")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="sample only from the smallest set of tokens whose probability reaches p")
-    p.add_argument("--min-p", type=float, default=None,
-                   help="drop tokens less likely than min_p times the most likely one")
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="above 1 discourages repeating earlier tokens (default: off)")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    add_sampling_flags(p)
     add_decoding_flags(p)
     p.set_defaults(func=_sample)
 
@@ -59,12 +84,8 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
 
 def _chat(args: argparse.Namespace) -> None:
     from gptlab.inference.chat import run_chat
-    from gptlab.inference.engine import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed)
-    run_chat(args.model, system=args.system, params=params, device=args.device, dtype=args.dtype,
+    run_chat(args.model, system=args.system, params=sampling_params(args), device=args.device, dtype=args.dtype,
              compile=args.compile, quantize=args.quantize)
 
 
@@ -81,20 +102,14 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
                                    "/reset, /system TEXT, /temp X, /help, /quit; Ctrl-C stops the current answer.")
     add_chat_model_arg(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set reaching probability p")
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="above 1 discourages repeating earlier tokens (default: off)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer in tokens (default: 256)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible answers")
+    add_sampling_flags(p)
     add_decoding_flags(p)
     p.set_defaults(func=_chat)
 
 
 # --- gptlab serve --------------------------------------------------------------------------
 
-#: ``gptlab serve`` flags that set a field of ``gptlab.serve.app.Limits`` (the help repeats its defaults)
+#: ``gptlab serve`` flags that set a field of ``gptlab.serve.limits.Limits`` (the help repeats its defaults)
 SERVE_LIMIT_FLAGS = {"max_body_bytes": "largest request body in bytes (default: 1048576); more gets 413",
                      "max_messages": "most messages in one chat request (default: 256)",
                      "max_input_chars": "most characters of input: all message contents, or a prompt "
@@ -104,7 +119,7 @@ SERVE_LIMIT_FLAGS = {"max_body_bytes": "largest request body in bytes (default: 
 
 def _serve(args: argparse.Namespace) -> None:
     from gptlab.serve import run_server
-    from gptlab.serve.app import Limits
+    from gptlab.serve.limits import Limits
 
     limits = Limits(**{name: getattr(args, name) for name in SERVE_LIMIT_FLAGS if getattr(args, name) is not None})
     run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, limits=limits,

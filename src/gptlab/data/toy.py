@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gptlab.errors import UserError
+from gptlab.errors import Problems, Settings, UserError, is_int
 
 PAD, BOS, EOS = 0, 1, 2
 FIRST_DIGIT = 3
@@ -54,19 +54,23 @@ def decode(ids: list[int]) -> str:
 
 
 @dataclass(frozen=True)
-class ToyTask:
+class ToyTask(Settings):
     """A task name and the range of input lengths, in digits."""
 
     name: str = "reverse"
     min_len: int = 1
     max_len: int = 8
 
-    def __post_init__(self) -> None:
-        if self.name not in TASKS:
-            raise UserError(f"unknown toy task {self.name!r}; tasks: {', '.join(TASKS)}")
-        if not 1 <= self.min_len <= self.max_len:
-            raise UserError(f"toy task lengths must satisfy 1 <= min_len <= max_len, got "
-                            f"min_len={self.min_len}, max_len={self.max_len}")
+    WHAT = "toy task"
+
+    def __post_init__(self) -> None:  # frozen, so checked once, when made
+        self.validate()
+
+    def _check(self, p: Problems) -> None:
+        p.choice("name", TASKS)
+        p.whole("min_len")
+        p.add(not (is_int(self.min_len) and is_int(self.max_len)) or self.min_len <= self.max_len,
+              f"{p.said('min_len')} cannot exceed {p.said('max_len')}")
 
     @property
     def max_target_len(self) -> int:

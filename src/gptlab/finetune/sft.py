@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from gptlab.data.jsonl import jsonl_records
-from gptlab.errors import UserError
+from gptlab.errors import Problems, Settings, UserError, is_number
 from gptlab.tokenizers import Tokenizer
 from gptlab.tokenizers.chat_template import render_chat
 
@@ -248,8 +248,10 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
 # --- the fine-tuning job ----------------------------------------------------------------------
 
 @dataclass
-class SFTOptions:
+class SFTOptions(Settings):
     """What ``gptlab finetune sft`` needs beyond the optimisation settings of ``TrainConfig``."""
+
+    WHAT = "fine-tuning options"
 
     val_data: str | None = None
     """A separate chat/Alpaca file for validation (default: hold out --val-fraction of --data)."""
@@ -259,6 +261,10 @@ class SFTOptions:
     """Longest conversation in tokens; longer ones are cut (default: the model's context, at most 2048)."""
     lora: Any = None
     """A gptlab.model.lora.LoRAConfig to train adapters only, or None to train every weight."""
+
+    def _check(self, p: Problems) -> None:
+        p.must(is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction", "between 0 and 1")
+        p.whole("max_length", minimum=2, optional=True)  # a conversation needs an input and a target
 
 
 @torch.no_grad()

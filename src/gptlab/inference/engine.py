@@ -6,13 +6,14 @@ It adds to ``generate`` (prefill + KV-cached decode) what a conversation needs:
 - EOS ids and stop strings; a stop string is never shown, even in part: text that could still
   turn out to be the start of one is held back until it cannot;
 - streaming that never splits a UTF-8 character;
-- a seed per request;
+- a seed per request (or one generator that several requests draw from in turn);
 - a ``Completion`` for every answer: its text, the ids the model generated and why it stopped
   ("stop" or "length"), so token counts are exact;
 - several prompts of different lengths in one batch (``generate_batch``), left-padded, each
   stopping on its own;
 - optionally, int8 weights (``quantize="int8"``, see ``gptlab.inference.quantize``) and a
-  compiled decode step over a static KV cache (``compile=True``, see ``GPT.compile_decode``).
+  compiled decode step over a static KV cache (``compile=True``, see
+  ``gptlab.inference.compiled_decode``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from gptlab.device import pick_dtype
 from gptlab.errors import UserError
+from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.quantize import quantize_int8
 from gptlab.inference.sampling import check_sampling_args, generate
 from gptlab.tokenizers.chat_template import BUILTIN_STOPS, BUILTIN_TEMPLATE, TURN_END_TOKENS, chat_format, render_chat
@@ -32,6 +34,9 @@ from gptlab.tokenizers.chat_template import BUILTIN_STOPS, BUILTIN_TEMPLATE, TUR
 
 @dataclass
 class SamplingParams:
+    """How to generate one answer; its defaults are every command's (``gptlab sample``, ``chat``).
+    ``check`` validates it where it comes in (a request, a command's flags)."""
+
     temperature: float = 0.7
     top_k: int | None = None
     top_p: float | None = None
@@ -40,9 +45,13 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    #: run to max_new_tokens through EOS and the built-in template's turn ends (shown as text):
+    #: a raw continuation, as ``gptlab sample`` writes, not a chat answer
+    ignore_eos: bool = False
 
     def check(self) -> None:
-        check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p)
+        """Raise ``UserError`` naming every out-of-range setting."""
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
 
@@ -74,7 +83,7 @@ def prepare_for_decoding(model: torch.nn.Module, dtype: str | None = None, compi
     """``model`` (in eval mode, in place) ready to decode: its weights in ``dtype`` (``--dtype``:
     auto, fp32, bf16 or fp16, chosen by ``gptlab.device.pick_dtype`` on the model's device; None
     leaves them as they are), int8 weights (``quantize="int8"``) and/or a compiled decode step
-    (``compile``). What ``Engine`` and ``gptlab sample`` do for --dtype, --quantize and --compile."""
+    (``compile``, see ``compile_decode``). What ``Engine`` does for --dtype, --quantize and --compile."""
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize={quantize!r} is not supported; choose one of {', '.join(QUANTIZE_CHOICES)}")
     model.eval()
@@ -83,7 +92,7 @@ def prepare_for_decoding(model: torch.nn.Module, dtype: str | None = None, compi
     if quantize == "int8":
         quantize_int8(model)
     if compile:
-        model.compile_decode()
+        compile_decode(model)
     return model
 
 
@@ -102,9 +111,10 @@ class Engine:
 
     ``dtype`` is the commands' --dtype (``prepare_for_decoding``): the CLI passes "auto", which
     keeps fp32 on CPUs and takes bf16 on GPUs that have it; None (the default) keeps the weights
-    as loaded, as a training job that samples from the model it trains needs. ``quantize="int8"`` stores the block Linear weights as int8 (``quantize_int8``; the model
-    is changed in place): SmolLM2-135M's weights take 224 MB instead of 542, perplexity rises
-    0.15%, and on an AVX2 CPU decoding is a little slower, not faster. ``compile=True``
+    as loaded, as a training job that samples from the model it trains needs. ``quantize="int8"``
+    stores the block Linear weights as int8 (``quantize_int8``; the model is changed in place):
+    a memory option, not a speed option on CPUs (its memory, perplexity and speed are measured
+    in benchmarks/RESULTS.md, "int8 weight-only quantisation"). ``compile=True``
     compiles the one-token decode step with torch.compile over a static KV cache: the same
     tokens, decoding about 1.2x faster on a 2-core CPU, but the first answer waits for the
     compile (about 70 s, 6 s once inductor's on-disk cache has it), and so does the first at
@@ -158,11 +168,21 @@ class Engine:
 
     # --- generation ---------------------------------------------------------------------------
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Generator[str, None, Completion]:
+    def seeded_generator(self, seed: int | None) -> torch.Generator:
+        """A random number generator on the engine's device, seeded with ``seed`` (None: a fresh
+        random seed); sampling draws only from it, so a seed reproduces an answer exactly."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        return generator
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams,
+               generator: torch.Generator | None = None) -> Generator[str, None, Completion]:
         """Yield the continuation of ``prompt_ids`` as text pieces until EOS, a stop string or
-        ``max_new_tokens``; return (as the generator's value) the ``Completion``."""
+        ``max_new_tokens``; return (as the generator's value) the ``Completion``. Draws come
+        from ``generator`` if given (several answers from one seed that differ from each other),
+        else from a new one seeded with ``params.seed``."""
         answer = self._answers([prompt_ids], params)[0]
-        for _ in self._run([prompt_ids], [answer], params):
+        for _ in self._run([prompt_ids], [answer], params, generator):
             if piece := answer.take():
                 yield piece
         return answer.completion()
@@ -184,14 +204,16 @@ class Engine:
         params.check()
         if not prompts or not all(prompts):
             raise UserError("a prompt is empty; give each prompt at least one token")
-        stops = tuple(params.stop) + self.default_stops
-        return [_Answer(self.tokenizer, self.eos_ids, stops, params.max_new_tokens) for _ in prompts]
+        eos_ids, stops = (set(), ()) if params.ignore_eos else (self.eos_ids, self.default_stops)
+        stops = tuple(params.stop) + stops
+        return [_Answer(self.tokenizer, eos_ids, stops, params.max_new_tokens) for _ in prompts]
 
-    def _run(self, prompts: list[list[int]], answers: list[_Answer], params: SamplingParams) -> Iterator[None]:
+    def _run(self, prompts: list[list[int]], answers: list[_Answer], params: SamplingParams,
+             generator: torch.Generator | None = None) -> Iterator[None]:
         """Generate for ``prompts`` (left-padded into one batch), feeding each step's tokens to
         ``answers``; yield after every step, stop once every answer is finished."""
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
+        if generator is None:
+            generator = self.seeded_generator(params.seed)
         width = max(len(p) for p in prompts)
         idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (B, T)
         real = None  # all the same length: no padding, no mask

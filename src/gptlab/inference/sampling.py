@@ -5,6 +5,10 @@ may not be chosen are set to -inf; they never modify their input. ``sample_next`
 in a fixed order (temperature -> top-k -> top-p -> min-p -> draw) and is what ``sample``,
 ``chat``, the web page and the API all call. Randomness comes only from the ``generator``
 passed in, so a seed reproduces a sample exactly.
+
+The settings are checked once, where they come in (``check_sampling_args``, called by
+``SamplingParams.check`` and at the start of ``generate``), not at every token: the functions
+that run per token assume valid settings.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ def check_sampling_args(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
+    repetition_penalty: float | None = None,
 ) -> None:
     """Raise ``UserError`` naming every out-of-range sampling setting at once."""
     problems = []
@@ -36,6 +41,9 @@ def check_sampling_args(
         problems.append(f"top_p={top_p!r} must be in (0, 1]")
     if min_p is not None and not (isinstance(min_p, (int, float)) and 0.0 <= min_p <= 1.0):
         problems.append(f"min_p={min_p!r} must be in [0, 1]")
+    if repetition_penalty is not None and not (isinstance(repetition_penalty, (int, float))
+                                               and math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        problems.append(f"repetition_penalty={repetition_penalty!r} must be a positive number (1 = off)")
     if problems:
         raise UserError("invalid sampling settings: " + "; ".join(problems))
 
@@ -45,7 +53,6 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
     Temperature 0 (greedy) is a limit, not a division; ``sample_next`` handles it with argmax.
     """
-    check_sampling_args(temperature=temperature)
     if temperature == 0:
         raise ValueError("temperature 0 means greedy decoding; take the argmax instead")
     return logits / temperature
@@ -57,7 +64,6 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     Ties at the boundary go to the lower token id (a stable sort), so the result is exactly
     k tokens and the same on every run and machine.
     """
-    check_sampling_args(top_k=k)
     # Token ids ordered best first; among equal logits the lower id comes first.
     order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # (..., V)
     return logits.scatter(-1, order[..., k:], float("-inf"))
@@ -70,7 +76,6 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probability, so the most likely token always survives and p = 1 keeps everything. Ties
     are ranked by lower token id, as in ``top_k_filter``.
     """
-    check_sampling_args(top_p=p)
     if p >= 1.0:
         # Rounding in the cumulative sum could otherwise drop a token of tiny probability.
         return logits
@@ -89,7 +94,6 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     Unlike top-p, the cut adapts to confidence: a peaked distribution keeps few tokens, a
     flat one keeps many. min_p = 0 keeps everything; the most likely token always survives.
     """
-    check_sampling_args(min_p=min_p)
     if min_p == 0:
         return logits
     # p_i >= min_p * p_max  <=>  logit_i >= logit_max + ln(min_p); no softmax needed.
@@ -102,8 +106,6 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
     as Hugging Face applies it): a positive logit is divided by ``penalty``, a negative one
     multiplied, so either way the token loses ground. ``penalty`` 1 changes nothing; > 1 penalises.
     """
-    if not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and penalty > 0):
-        raise UserError(f"repetition_penalty={penalty!r} must be a positive number (1 = off)")
     seen = torch.gather(logits, 1, previous)  # (B, T): the logits of tokens that already occurred
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
     return logits.scatter(1, previous, seen)
@@ -124,7 +126,6 @@ def sample_next(
     Otherwise the logits are scaled by temperature, filtered by top-k, top-p and min-p (each
     only if given) and a token is drawn from the softmax using ``generator``.
     """
-    check_sampling_args(temperature, top_k, top_p, min_p)
     if logits.dim() != 2:
         raise ValueError(f"sample_next expects logits of shape (B, V), got {tuple(logits.shape)}")
     if temperature == 0:
@@ -181,6 +182,7 @@ def generate(
         raise UserError(f"the prompt must hold at least one token, got shape {tuple(idx.shape)}")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
     block_size = model.config.block_size
     is_gpt = hasattr(model, "new_kv_cache")  # gptlab's GPT (test doubles take only idx)
     # A cache only as long as this generation can use: block_size may be thousands of tokens,

@@ -34,25 +34,25 @@ I = intermediate_size.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.errors import UserError, names
-from gptlab.model.config import ModelConfig, _is_int, _is_number
+from gptlab.errors import Problems, Settings, UserError, is_int
+from gptlab.model.config import ModelConfig
 from gptlab.model.layers import CausalSelfAttention, LayerNorm
 
 
 @dataclass
-class BertConfig:
+class BertConfig(Settings):
     """Hyper-parameters of a BERT encoder, named as in Hugging Face's ``BertConfig``.
 
     Defaults are BERT-base (110M). ``weights.bert.config_from_hf`` reads a config.json into it.
     """
+
+    WHAT = "BERT config"
 
     vocab_size: int = 30522
     """Number of token ids (WordPiece vocabulary); the MLM head scores all of them."""
@@ -86,47 +86,19 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def validate(self) -> None:
-        """Raise ``UserError`` naming every bad field at once."""
-        problems = []
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                problems.append(f"{name}={value!r} must be a positive integer")
-        if (_is_int(self.hidden_size) and _is_int(self.num_attention_heads) and self.num_attention_heads > 0
-                and self.hidden_size % self.num_attention_heads):
-            problems.append(f"hidden_size={self.hidden_size} must be divisible by "
-                            f"num_attention_heads={self.num_attention_heads}")
-        for name in ("layer_norm_eps", "initializer_range"):
-            value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
-                problems.append(f"{name}={value!r} must be a positive number")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                problems.append(f"{name}={value!r} must be in [0, 1)")
-        if not _is_int(self.pad_token_id) or self.pad_token_id < 0 or (
-                _is_int(self.vocab_size) and self.pad_token_id >= self.vocab_size):
-            problems.append(f"pad_token_id={self.pad_token_id!r} must be a token id below vocab_size")
-        if not isinstance(self.mlm_head, bool):
-            problems.append(f"mlm_head={self.mlm_head!r} must be true or false")
-        if problems:
-            raise UserError("invalid BERT config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
-        """Build and validate a config; missing keys take defaults, unknown keys are an error."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise UserError(f"unknown BERT config key(s) {names(unknown)}; valid keys: {', '.join(valid)}")
-        config = cls(**d)
-        config.validate()
-        return config
+    def _check(self, p: Problems) -> None:
+        p.whole("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size")
+        heads_ok = is_int(self.hidden_size) and is_int(self.num_attention_heads) and self.num_attention_heads > 0
+        p.add(not heads_ok or self.hidden_size % self.num_attention_heads == 0,
+              f"{p.said('hidden_size')} must be divisible by {p.said('num_attention_heads')}")
+        p.positive("layer_norm_eps", "initializer_range")
+        p.within("hidden_dropout_prob", 0.0, 1.0)
+        p.within("attention_probs_dropout_prob", 0.0, 1.0)
+        p.must(is_int(self.pad_token_id) and 0 <= self.pad_token_id
+               and not (is_int(self.vocab_size) and self.pad_token_id >= self.vocab_size),
+               "pad_token_id", f"a token id below {p.spell('vocab_size')}")
+        p.boolean("mlm_head")
 
     def attention_config(self) -> ModelConfig:
         """The ``ModelConfig`` that makes ``CausalSelfAttention`` BERT's attention: full-width

@@ -7,12 +7,11 @@ is reported instead of silently ignored.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from gptlab.errors import UserError, names
+from gptlab.errors import Problems, Settings, UserError, is_int, is_number, names
 
 # Family names, used for naming, reporting and presets. What a Transformer computes comes from
 # the explicit option fields below, never from this name; FAMILY_DEFAULTS gives each family's
@@ -69,23 +68,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def _is_int(value: Any) -> bool:
-    # bool is a subclass of int; `n_layer=True` is a mistake, not 1.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @dataclass
-class ModelConfig:
+class ModelConfig(Settings):
     """Hyper-parameters of a decoder-only Transformer. Defaults are GPT-2 small (124M).
 
     Llama, Qwen2 and Mistral are the same Transformer with other options (RoPE, RMSNorm,
     SwiGLU, grouped-query attention, q/k/v biases, a sliding window); ``for_family`` fills
     them in. The defaults of those options are GPT-2's, so older configs load unchanged.
     """
+
+    WHAT = "model config"
 
     vocab_size: int = 50257
     """Number of token ids the embedding and the output head cover."""
@@ -191,51 +183,32 @@ class ModelConfig:
         config.validate()
         return config
 
-    def validate(self) -> None:
-        """Raise ``UserError`` naming every bad field at once; return None if all are fine."""
-        problems = []
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                problems.append(f"{name}={value!r} must be a positive integer")
-        n_head_ok = _is_int(self.n_head) and self.n_head > 0
-        n_embd_ok = _is_int(self.n_embd) and self.n_embd > 0
-        if n_head_ok and n_embd_ok and self.n_embd % self.n_head != 0:
-            problems.append(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
-        for name in ("bias", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                problems.append(f"{name}={getattr(self, name)!r} must be true or false")
-        if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
-            problems.append(f"qkv_bias={self.qkv_bias!r} must be true, false or null")
+    def _check(self, p: Problems) -> None:
+        p.whole("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        n_head_ok, n_embd_ok = is_int(self.n_head) and self.n_head > 0, is_int(self.n_embd) and self.n_embd > 0
+        p.add(not (n_head_ok and n_embd_ok) or self.n_embd % self.n_head == 0,
+              f"{p.said('n_embd')} must be divisible by {p.said('n_head')}")
+        p.within("dropout", 0.0, 1.0)
+        p.boolean("bias", "tie_embeddings")
+        p.boolean("qkv_bias", optional=True)
         for name, choices in (("arch", ARCHS), ("attn_impl", ATTN_IMPLS),
                               ("pos_embedding", POS_EMBEDDINGS), ("norm", NORMS), ("mlp", MLPS)):
-            value = getattr(self, name)
-            if value not in choices:
-                problems.append(f"{name}={value!r} must be one of {', '.join(choices)}")
-        for name in ("rope_theta", "norm_eps"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)!r} must be a positive number")
-        for name in ("intermediate_size", "n_kv_head", "sliding_window"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0):
-                problems.append(f"{name}={value!r} must be a positive integer or null")
-        kv_ok = _is_int(self.n_kv_head) and self.n_kv_head > 0
-        if n_head_ok and kv_ok and self.n_head % self.n_kv_head:
-            problems.append(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
-        if (self.pos_embedding == "rope" and n_head_ok and n_embd_ok
-                and self.n_embd % self.n_head == 0 and self.head_dim % 2):
-            # RoPE rotates pairs of dimensions, so a head needs an even width.
-            problems.append(f"pos_embedding='rope' needs an even head_dim, got n_embd // n_head = "
-                            f"{self.head_dim}")
-        if self.pos_embedding == "sinusoidal" and n_embd_ok and self.n_embd % 2:
-            problems.append(f"pos_embedding='sinusoidal' needs an even n_embd (sin/cos pairs), got {self.n_embd}")
-        if self.arch == "bigram" and self.tie_embeddings is True:
-            problems.append("arch='bigram' has no output head to tie to its table; set tie_embeddings to false")
-        problems += self._rope_scaling_problems()
-        if problems:
-            raise UserError("invalid model config: " + "; ".join(problems))
+            p.choice(name, choices)
+        p.positive("rope_theta", "norm_eps")
+        p.whole("intermediate_size", "n_kv_head", "sliding_window", optional=True)
+        kv_ok = is_int(self.n_kv_head) and self.n_kv_head > 0
+        p.add(not (n_head_ok and kv_ok) or self.n_head % self.n_kv_head == 0,
+              f"{p.said('n_head')} must be divisible by {p.said('n_kv_head')}")
+        even_heads = n_head_ok and n_embd_ok and self.n_embd % self.n_head == 0
+        # RoPE rotates pairs of dimensions, so a head needs an even width.
+        p.add(not (self.pos_embedding == "rope" and even_heads and self.head_dim % 2),
+              f"pos_embedding='rope' needs an even head_dim, got {p.said('n_embd')} // {p.said('n_head')} = "
+              f"{self.head_dim if even_heads else '?'}")
+        p.add(not (self.pos_embedding == "sinusoidal" and n_embd_ok and self.n_embd % 2),
+              f"pos_embedding='sinusoidal' needs an even {p.said('n_embd')} (sin/cos pairs)")
+        p.add(not (self.arch == "bigram" and self.tie_embeddings is True),
+              f"arch='bigram' has no output head to tie to its table; set {p.spell('tie_embeddings')} to false")
+        p.found += self._rope_scaling_problems()
 
     def _rope_scaling_problems(self) -> list[str]:
         scaling = self.rope_scaling
@@ -262,31 +235,14 @@ class ModelConfig:
             if key == "truncate":
                 ok = isinstance(value, bool)
             elif key in ("attention_factor", "mscale", "mscale_all_dim"):
-                ok = value is None or _is_number(value)
+                ok = value is None or is_number(value)
             else:
-                ok = _is_number(value) and value > 0
+                ok = is_number(value) and value > 0
             if not ok:
                 problems.append(f"rope_scaling[{key!r}]={value!r} is not a valid value")
         low, high = scaling.get("low_freq_factor"), scaling.get("high_freq_factor")
-        if _is_number(low) and _is_number(high) and high <= low:
+        if is_number(low) and is_number(high) and high <= low:
             problems.append(
                 f"rope_scaling high_freq_factor={high} must exceed low_freq_factor={low}"
             )
         return problems
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict of every field."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build and validate a config; missing keys take defaults, unknown keys are an error."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise UserError(
-                f"unknown model config key(s) {names(unknown)}; valid keys: {', '.join(valid)}"
-            )
-        config = cls(**d)
-        config.validate()
-        return config

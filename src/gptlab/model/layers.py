@@ -262,6 +262,18 @@ def attention_mask(
     return mask
 
 
+def token_positions(
+    first: int, n_tokens: int, real_tokens: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """The positions of ``n_tokens`` new tokens after ``first`` earlier ones: first, first + 1,
+    ... as (T,), shared by the batch; or, with ``real_tokens`` (B, first + T) bool, False at left
+    padding, (B, T): the number of real tokens before each one (padding gets 0), so a padded
+    sequence gets the positions it would have alone."""
+    if real_tokens is None:
+        return torch.arange(first, first + n_tokens, device=device)
+    return (real_tokens.cumsum(-1) - 1).clamp(min=0)[:, first:]
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, K, S, D) -> (B, K * n_rep, S, D): each k/v head serves n_rep consecutive query heads."""
     if n_rep == 1:

@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.errors import UserError, names
-from gptlab.model.config import _is_int, _is_number
+from gptlab.errors import Problems, Settings, UserError
 from gptlab.model.transformer import GPT
 
 ALL_LINEAR = "all-linear"
@@ -52,8 +51,8 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 @dataclass
-class LoRAConfig:
-    """Which layers get adapters, and their shape. Checked when built (``UserError``)."""
+class LoRAConfig(Settings):
+    """Which layers get adapters, and their shape; ``validate`` checks it (``UserError``)."""
 
     rank: int = 8
     """r: the inner width of each adapter. 4-16 is typical; higher trains more parameters."""
@@ -65,45 +64,34 @@ class LoRAConfig:
     """Names of the block Linears to adapt (the paper's choice is q_proj and v_proj), or
     ``("all-linear",)``. A comma-separated string such as ``"q_proj,v_proj"`` is accepted."""
 
+    WHAT = "LoRA config"
+
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = parse_targets(self.targets)
         elif isinstance(self.targets, list):  # as read back from JSON
             self.targets = tuple(self.targets)
-        self.validate()
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
 
-    def validate(self) -> None:
-        """Raise ``UserError`` naming every bad field at once."""
-        problems = []
-        if not _is_int(self.rank) or self.rank <= 0:
-            problems.append(f"rank={self.rank!r} must be a positive integer")
-        if not _is_number(self.alpha) or self.alpha <= 0:
-            problems.append(f"alpha={self.alpha!r} must be a positive number")
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
+    def _check(self, p: Problems) -> None:
+        p.whole("rank")
+        p.positive("alpha")
+        p.within("dropout", 0.0, 1.0)
         targets = self.targets if isinstance(self.targets, tuple) else (self.targets,)
         bad = [t for t in targets if t not in (*BLOCK_LINEARS, ALL_LINEAR)]
-        if bad or not targets:
-            given = ", ".join(map(repr, bad)) if bad else "none"
-            problems.append(f"targets: {given} not valid; choose from {', '.join(BLOCK_LINEARS)} "
-                            f"(comma-separated) or {ALL_LINEAR}")
-        if problems:
-            raise UserError("invalid LoRA config: " + "; ".join(problems))
+        p.add(not bad and bool(targets), f"{p.spell('targets')}: {', '.join(map(repr, bad)) if bad else 'none'} not "
+                                          f"valid; choose from {', '.join(BLOCK_LINEARS)} (comma-separated) or {ALL_LINEAR}")
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "targets": list(self.targets)}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise UserError(f"unknown LoRA config key(s) {names(unknown)}; valid keys: {', '.join(valid)}")
-        return cls(**d)
+
+def lora_flag(name: str) -> str:
+    """A LoRA setting as ``gptlab finetune`` spells it: ``rank`` -> ``--lora-rank``."""
+    return "--lora-" + name
 
 
 class LoRALinear(nn.Linear):
@@ -175,6 +163,7 @@ def add_lora(model: GPT, cfg: LoRAConfig) -> list[str]:
     ``model.configure_optimizer_groups`` (which skips frozen parameters) hands the optimizer
     the adapters alone.
     """
+    cfg.validate()
     linears = _block_linears(model)
     if any(isinstance(m, LoRALinear) for m in linears.values()):
         raise UserError("the model already has LoRA adapters; merge them into the weights before adding new ones")

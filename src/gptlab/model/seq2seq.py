@@ -64,14 +64,12 @@ class Seq2SeqConfig:
 
     def layer_config(self) -> ModelConfig:
         """The ``ModelConfig`` that gptlab's layers (MLP, CausalSelfAttention) read their shapes
-        from; raises ``UserError`` naming every bad field."""
-        config = ModelConfig(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                             n_head=self.n_head, n_embd=self.n_embd, intermediate_size=self.intermediate_size,
-                             dropout=self.dropout, bias=True, mlp="gelu", norm="layernorm")
-        config.validate()
-        if self.n_embd % 2:
-            raise UserError(f"n_embd={self.n_embd} must be even: sinusoidal positions come in sin/cos pairs")
-        return config
+        from; raises ``UserError`` naming every bad field (an odd n_embd too: the sinusoidal
+        positions come in sin/cos pairs)."""
+        return ModelConfig(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                           n_head=self.n_head, n_embd=self.n_embd, intermediate_size=self.intermediate_size,
+                           dropout=self.dropout, bias=True, mlp="gelu", norm="layernorm",
+                           pos_embedding="sinusoidal").validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,7 +32,7 @@ from gptlab.model.config import ModelConfig
 from gptlab.model.kv_cache import KVCache
 from gptlab.model.bigram import Bigram
 from gptlab.model.layers import (
-    MLP, CausalSelfAttention, alibi_bias, alibi_slopes, make_norm, rope_tables, sinusoidal_positions,
+    MLP, CausalSelfAttention, alibi_bias, alibi_slopes, make_norm, rope_tables, sinusoidal_positions, token_positions,
 )  # fmt: skip
 from gptlab.model.layers import attention_mask as build_attention_mask
 
@@ -97,7 +97,6 @@ class GPT(nn.Module):
             # One (V, C) matrix both reads tokens in and scores them out: fewer parameters,
             # and tokens that are used alike get alike vectors from both ends.
             self.lm_head.weight = self.embed_tokens.weight
-        self.compiled_decode = None  # set by compile_decode
         self.init_weights()
 
     @torch.no_grad()
@@ -155,21 +154,10 @@ class GPT(nn.Module):
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
 
-    def new_kv_cache(self, max_len: int | None = None, static: bool | None = None) -> KVCache:
+    def new_kv_cache(self, max_len: int | None = None, static: bool = False) -> KVCache:
         """An empty KV cache for this model, for up to ``max_len`` (default block_size) tokens;
-        static (fixed shapes, see ``KVCache``) by default once ``compile_decode`` has run."""
-        return KVCache(self.config, max_len, static=self.compiled_decode is not None if static is None else static)
-
-    def compile_decode(self, **options: Any) -> None:
-        """Compile the one-token decode step with ``torch.compile`` (``options`` such as
-        ``mode`` or ``backend`` go to it).
-
-        From now on ``new_kv_cache`` gives static caches, with which every decode step has the
-        same shapes, so one graph serves every step (a new batch size or cache length compiles
-        once more). Prompts (prefill), calls without a cache and calls with autograd on (outside
-        ``torch.no_grad``) stay eager.
-        """
-        self.compiled_decode = torch.compile(self._blocks_and_head, fullgraph=True, **options)
+        ``static`` keeps its shapes fixed (see ``KVCache``)."""
+        return KVCache(self.config, max_len, static=static)
 
     def forward(
         self,
@@ -198,60 +186,13 @@ class GPT(nn.Module):
         real tokens, so each sequence gets the logits it would get alone.
         """
         B, T = idx.shape
-        start = 0 if kv_cache is None else kv_cache.length
-        limit = self.config.block_size if kv_cache is None else kv_cache.max_len
-        if start + T > limit:
-            where = "" if kv_cache is None else f" after the {start} cached ones"
-            raise UserError(
-                f"{T} tokens{where} exceed the model's context of {limit} tokens (block_size "
-                f"{self.config.block_size}); keep only the last {limit - start} tokens"
-            )
+        start = self._first_position(T, kv_cache)
         if last_only and targets is not None:
             raise ValueError("last_only=True gives no loss: the loss needs every position's logits")
-        static = kv_cache is not None and kv_cache.static
-        x = self.embed_tokens(idx)  # (B, T, C)
-        if attention_mask is None:
-            pos = torch.arange(start, start + T, device=idx.device)  # (T,), shared by the batch
-        else:
-            if attention_mask.shape != (B, start + T):
-                raise ValueError(f"attention_mask must be (B, cached + T) = {(B, start + T)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            attention_mask = attention_mask.bool()
-            # A token's position is the number of real tokens before it; padding gets 0.
-            pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
-        rope = None
-        pos_embedding = self.config.pos_embedding
-        if pos_embedding == "learned":
-            # Token identity plus position, (B, T, C) + (T or B, T, C).
-            x = x + self.embed_positions(pos)
-        elif pos_embedding == "sinusoidal":
-            # As in the paper, embeddings are scaled by sqrt(C) so that the fixed table, whose
-            # entries are about 0.7 in size, does not drown them: (B, T, C) + (T or B, T, C).
-            x = x * math.sqrt(self.config.n_embd) + self.sinusoid[pos].to(x.dtype)
-        elif pos_embedding == "rope" and attention_mask is None:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, D)
-        elif pos_embedding == "rope":
-            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, D)
-        x = self.embed_dropout(x)
-        # None lets SDPA use its fast causal kernel (T tokens among themselves), or no mask at
-        # all for one new token after cached ones; padding, a window, several new tokens after
-        # cached ones, ALiBi's bias or a static cache need an explicit (T, S) or (B, 1, T, S)
-        # mask. A static cache's keys are all its max_len slots; those after the new tokens
-        # are hidden by causality, so padding them with any value is the same.
-        n_keys = kv_cache.max_len if static else start + T
-        mask = None
-        alibi = pos_embedding == "alibi"
-        if attention_mask is not None or self.config.sliding_window is not None or (start and T > 1) or alibi or static:
-            real = attention_mask  # (B, start + T) or None
-            if static and real is not None:
-                real = F.pad(real, (0, n_keys - start - T))  # (B, max_len)
-            mask = build_attention_mask(T, n_keys, self.config.sliding_window, idx.device, real, first_query=start)
-        if alibi:
-            mask = alibi_bias(self.alibi_slopes, mask, first_query=start)  # (H or B, H, T, S) float
-        # The compiled step is for inference: with autograd on, its in-place cache writes
-        # would clash with the saved tensors of a backward graph.
-        compiled = static and T == 1 and self.compiled_decode is not None and not torch.is_grad_enabled()
-        logits = (self.compiled_decode if compiled else self._blocks_and_head)(x, rope, mask, kv_cache, last_only)
+        real = _real_tokens(attention_mask, (B, start + T))  # (B, start + T) bool, or None
+        x, rope = self.embed(idx, token_positions(start, T, real, idx.device))  # (B, T, C)
+        mask = self._attention_mask(T, start, kv_cache, real, idx.device)
+        logits = self.blocks_and_head(x, rope, mask, kv_cache, last_only)  # (B, T or 1, V)
         if kv_cache is not None:
             kv_cache.advance(T)
         loss = None
@@ -261,7 +202,69 @@ class GPT(nn.Module):
             )
         return logits, loss
 
-    def _blocks_and_head(
+    def _first_position(self, n_new: int, kv_cache: KVCache | None) -> int:
+        """The position of the first of ``n_new`` tokens (the number already cached); a
+        ``UserError`` if they do not fit in the context (or the cache) after those."""
+        start = 0 if kv_cache is None else kv_cache.length
+        limit = self.config.block_size if kv_cache is None else kv_cache.max_len
+        if start + n_new > limit:
+            where = "" if kv_cache is None else f" after the {start} cached ones"
+            raise UserError(
+                f"{n_new} tokens{where} exceed the model's context of {limit} tokens (block_size "
+                f"{self.config.block_size}); keep only the last {limit - start} tokens"
+            )
+        return start
+
+    def embed(
+        self, idx: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The tokens ``idx`` (B, T) at positions ``pos`` (T,) or (B, T), as vectors x (B, T, C),
+        with their positions added in (learned, sinusoidal), or as the RoPE tables the blocks
+        rotate queries and keys by (None for the other encodings; ALiBi is in the mask)."""
+        x = self.embed_tokens(idx)  # (B, T, C)
+        rope = None
+        pos_embedding = self.config.pos_embedding
+        if pos_embedding == "learned":
+            # Token identity plus position, (B, T, C) + (T or B, T, C).
+            x = x + self.embed_positions(pos)
+        elif pos_embedding == "sinusoidal":
+            # As in the paper, embeddings are scaled by sqrt(C) so that the fixed table, whose
+            # entries are about 0.7 in size, does not drown them: (B, T, C) + (T or B, T, C).
+            x = x * math.sqrt(self.config.n_embd) + self.sinusoid[pos].to(x.dtype)
+        elif pos_embedding == "rope":
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D) or (B, T, D)
+            rope = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])  # (B, 1, T, D): every head
+        return self.embed_dropout(x), rope
+
+    def _attention_mask(
+        self, n_new: int, start: int, kv_cache: KVCache | None, real: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor | None:
+        """What each of the ``n_new`` tokens after ``start`` cached ones may attend to: None
+        where SDPA needs no mask, else a bool (T, S) or (B, 1, T, S) mask, or ALiBi's float
+        (H or B, H, T, S) bias. ``real`` (B, start + T) is False at padding."""
+        static = kv_cache is not None and kv_cache.static
+        if not self._needs_mask(n_new, start, static, real is not None):
+            return None
+        # A static cache's keys are all its max_len slots; those after the new tokens are
+        # hidden by causality, so padding them with any value is the same.
+        n_keys = kv_cache.max_len if static else start + n_new
+        if static and real is not None:
+            real = F.pad(real, (0, n_keys - start - n_new))  # (B, max_len)
+        mask = build_attention_mask(n_new, n_keys, self.config.sliding_window, device, real, first_query=start)
+        if self.config.pos_embedding == "alibi":
+            mask = alibi_bias(self.alibi_slopes, mask, first_query=start)  # (H or B, H, T, S) float
+        return mask
+
+    def _needs_mask(self, n_new: int, start: int, static: bool, padded: bool) -> bool:
+        """Whether attention needs an explicit mask. Without one SDPA uses its fast causal
+        kernel (T tokens among themselves) or none at all (one new token after cached ones
+        sees every key); padding, a sliding window, several new tokens after cached ones,
+        ALiBi's bias or a static cache (whose unwritten slots must be hidden) each need one."""
+        several_after_cached = start > 0 and n_new > 1
+        return (padded or self.config.sliding_window is not None or several_after_cached
+                or self.config.pos_embedding == "alibi" or static)
+
+    def blocks_and_head(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -271,7 +274,8 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """The embedded tokens ``x`` (B, T, C) through every block, the final norm and the
         head: logits (B, T, V), or (B, 1, V) with ``last_only``. Only tensors vary from one
-        decode step to the next here, which is what lets ``compile_decode`` compile it once."""
+        decode step to the next here, which is what lets ``gptlab.inference.compiled_decode``
+        compile it once."""
         for layer in self.layers:
             x = layer(x, rope, mask, kv_cache)
         if last_only:
@@ -337,6 +341,16 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+
+
+def _real_tokens(attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    """``attention_mask`` (1/0 or bool, of ``shape`` (B, cached + T)) as bool, True at real
+    tokens and False at left padding; None (no padding) stays None."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != shape:
+        raise ValueError(f"attention_mask must be (B, cached + T) = {shape}, got {tuple(attention_mask.shape)}")
+    return attention_mask.bool()
 
 
 def build_model(config: ModelConfig) -> GPT | Bigram:

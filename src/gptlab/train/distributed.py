@@ -35,9 +35,11 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,7 @@ from torch import nn
 from gptlab.errors import UserError
 
 SHARDS = "distributed"  # the folder of a checkpoint that holds FSDP's sharded optimizer state
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,24 +77,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
 
 
-def setup(device: str = "auto") -> Dist:
-    """Join the process group when launched by torchrun (idempotent); else a single process."""
+@contextmanager
+def process_group(device: str = "auto") -> Iterator[Dist]:
+    """Join the process group when launched by torchrun, and leave it at the end; a single
+    process otherwise. Entered once per run, by whoever starts it, which hands the ``Dist`` on."""
     if not launched():
-        return Dist()
+        yield Dist()
+        return
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if not dist.is_initialized():
-        use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local)
-
-
-def current() -> Dist:
-    """The running process's ``Dist`` (rank 0 of 1 outside a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return Dist()
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        yield Dist(rank, world, local)
+    finally:
+        dist.destroy_process_group()
 
 
 def device_for(d: Dist, device: torch.device) -> torch.device:
@@ -99,11 +100,6 @@ def device_for(d: Dist, device: torch.device) -> torch.device:
     if d.active and device.type == "cuda":
         return torch.device("cuda", d.local_rank)
     return device
-
-
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -118,6 +114,21 @@ def broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decided_by_main(d: Dist, decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0 only (a decision that looks at and changes the file system);
+    every rank gets its answer, or the same one-line error."""
+    answer, error = None, None
+    if d.is_main:
+        try:
+            answer = decide()
+        except UserError as e:
+            error = str(e)
+    answer, error = broadcast((answer, error))
+    if error is not None:
+        raise UserError(error)
+    return answer
 
 
 def check_same_settings(settings: dict[str, Any], d: Dist) -> None:

@@ -11,16 +11,16 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptlab.config import DEFAULT_PRESET, PRESETS, TrainConfig, load_config_file, resolve_config
 from gptlab.errors import UserError
-from gptlab.model.config import ModelConfig
 from gptlab.weights import checkpoint as ckpt
 
 if TYPE_CHECKING:  # the loop imports torch; commands that only parse flags should not pay for it
-    from gptlab.train.loop import RunResult
+    from gptlab.train.loop import RunResult, SavedRun
 
 RUN_MARKERS = ("last", "best", "metrics.csv")
 
@@ -63,23 +63,46 @@ def _explicit_model_keys(preset: str | None, config_file: str | None, overrides:
     return keys
 
 
-def _resume_configs(run_dir: Path, preset: str | None, config_file: str | None,
-                    model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
-    last = ckpt.resolve_checkpoint(run_dir, prefer="last")
-    saved_model = ckpt.load_model_config(last)
-    saved_train, _ = ckpt.load_train_state(last)
+def _resume_source(resume: str) -> Path:
+    """The run directory ``--resume`` names: the run itself, or the run of its last/ or best/."""
+    src = Path(resume)
+    if src.name in ("last", "best") and (src / ckpt.WEIGHTS).exists():
+        src = src.parent
+    return src
+
+
+def _resume_config(saved: SavedRun, run_dir: Path, preset: str | None, config_file: str | None,
+                   model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> TrainConfig:
+    """The saved run's training settings with the file's and the flags' on top; the model's may not change."""
     wanted = _explicit_model_keys(preset, config_file, model_overrides)
-    differing = [f"{k}: run has {getattr(saved_model, k, None)!r}, asked for {v!r}"
-                 for k, v in wanted.items() if getattr(saved_model, k, None) != v]
+    differing = [f"{k}: run has {getattr(saved.model, k, None)!r}, asked for {v!r}"
+                 for k, v in wanted.items() if getattr(saved.model, k, None) != v]
     if differing:
         raise UserError(f"cannot resume {run_dir} with a different model ({'; '.join(differing)}); "
                         "drop those settings or start a new run")
-    train_d = dict(saved_train)
+    train_d = dict(saved.train)
     if config_file:
         train_d.update(load_config_file(config_file).get("train", {}))
     train_d.update(train_overrides)
-    _, train_cfg = resolve_config(None, None, saved_model.to_dict(), train_d)
-    return saved_model, train_cfg
+    _, train_cfg = resolve_config(None, None, saved.model.to_dict(), train_d)
+    return train_cfg
+
+
+def _branch(src: Path, out: str | None, force: bool) -> Path:
+    """Where a resumed run goes on: in place, or (``--out OTHER``) in a copy of it."""
+    if out is None or Path(out).resolve() == src.resolve():
+        return src
+    claim_out(Path(out), force)
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    print(f"branching {src} into {out}")
+    return Path(out)
+
+
+def _new_run_dir(out: str | None, force: bool, name: str) -> Path:
+    if out is None:
+        return fresh_run_dir(name)
+    claim_out(Path(out), force)
+    return Path(out)
 
 
 def summary_line(result: RunResult, took: float) -> str:
@@ -94,54 +117,36 @@ def run_training(preset: str | None = None, config_file: str | None = None, out:
                  train_overrides: dict[str, Any] | None = None, show_progress: bool = True) -> int:
     """Run ``gptlab train``; returns the process exit code (130 when stopped by Ctrl-C/SIGTERM)."""
     from gptlab.train import distributed
-    from gptlab.train.loop import train
+    from gptlab.train.loop import read_saved_run, train
 
     model_overrides, train_overrides = model_overrides or {}, train_overrides or {}
+    saved = None
     if resume is not None:
-        src = Path(resume)
-        if src.name in ("last", "best") and (src / ckpt.WEIGHTS).exists():
-            src = src.parent
-        model_cfg, train_cfg = _resume_configs(src, preset, config_file, model_overrides, train_overrides)
+        src = _resume_source(resume)
+        saved = read_saved_run(src)  # the one read of its last checkpoint; the loop continues from it
+        model_cfg = saved.model
+        train_cfg = _resume_config(saved, src, preset, config_file, model_overrides, train_overrides)
+        choose_run_dir = partial(_branch, src, out, force)
     else:
         if preset is None and config_file is None:
             preset = DEFAULT_PRESET
         model_cfg, train_cfg = resolve_config(preset, config_file, model_overrides, train_overrides)
-    d = distributed.setup(train_cfg.device)
+        choose_run_dir = partial(_new_run_dir, out, force, preset or Path(config_file).stem)
 
-    def choose_run_dir() -> Path:
-        if resume is not None:
-            if out is None or Path(out).resolve() == src.resolve():
-                return src
-            claim_out(Path(out), force)
-            shutil.copytree(src, out, dirs_exist_ok=True)
-            print(f"branching {src} into {out}")
-            return Path(out)
-        if out is None:
-            return fresh_run_dir(preset or Path(config_file).stem)
-        claim_out(Path(out), force)
-        return Path(out)
-
-    # Only rank 0 looks at and changes the file system; every rank gets its answer (or its error).
-    run_dir, error = None, None
-    if d.is_main:
-        try:
-            run_dir = choose_run_dir()
-        except UserError as e:
-            error = str(e)
-    run_dir, error = distributed.broadcast((run_dir, error))
-    if error is not None:
-        raise UserError(error)
-    quiet = not d.is_main
-
-    start = time.perf_counter()
-    try:
-        result = train(model_cfg, train_cfg, run_dir, resume=resume is not None, show_progress=show_progress)
-    finally:
-        distributed.teardown()
+    # The command owns the process group: it joins it before the run directory is chosen and hands it to the loop.
+    with distributed.process_group(train_cfg.device) as d:
+        run_dir = distributed.decided_by_main(d, choose_run_dir)  # only rank 0 changes the file system
+        start = time.perf_counter()
+        result = train(model_cfg, train_cfg, run_dir, resume=saved, show_progress=show_progress, d=d)
     took = time.perf_counter() - start
     code = 130 if result.stopped == "interrupted" else 0
-    if quiet:
-        return code
+    if d.is_main:
+        _report(result, run_dir, took, code)
+    return code
+
+
+def _report(result: RunResult, run_dir: Path, took: float, code: int) -> None:
+    """What the run left and what to do next."""
     if result.sample:  # none after Ctrl-C or SIGTERM, which save and stop at once
         print(f"\n--- sample ---\n{result.sample}\n--------------")
     print(summary_line(result, took))
@@ -150,4 +155,3 @@ def run_training(preset: str | None = None, config_file: str | None = None, out:
         print(f"resume with: gptlab train --resume {run_dir}", file=sys.stderr)
     else:
         print(f"try: gptlab sample {run_dir} --prompt 'ROMEO:'")
-    return code

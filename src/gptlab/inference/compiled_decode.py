@@ -1,0 +1,46 @@
+"""A compiled one-token decode step over a static KV cache (``Engine(compile=True)``, ``--compile``).
+
+Decoding runs the model once per generated token, one token at a time, and each step's many
+small kernels cost more in Python and launch overhead than in arithmetic. ``torch.compile``
+fuses them into one graph, but a graph is built for fixed shapes, and a growing KV cache changes
+shape every step. A static cache (``KVCache(static=True)``) keeps every shape fixed, so the
+step ``GPT.blocks_and_head`` (the blocks, the final norm and the head: only tensors vary there
+from one step to the next) is compiled once and reused at every length; a new batch size or
+cache length compiles once more. Everything else stays eager: prompts (prefill), calls without
+a cache and calls with autograd on. The tokens are the same as eager decoding's.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from gptlab.errors import UserError
+from gptlab.model.kv_cache import KVCache
+from gptlab.model.transformer import GPT
+
+
+def compile_decode(model: GPT, **options: Any) -> None:
+    """Compile ``model``'s one-token decode step, in place (``options`` such as ``mode`` or
+    ``backend`` go to ``torch.compile``); from now on ``model.new_kv_cache`` gives static caches.
+
+    The model keeps its forward pass, so its checks, masks, cache bookkeeping and hooks stay the
+    one path; only its blocks-and-head stage is swapped, on this instance, for one that takes the
+    compiled graph whenever a call is a decode step."""
+    if not isinstance(model, GPT):
+        raise UserError(f"--compile needs a Transformer; this model is a {type(model).__name__}: leave --compile out")
+    eager = GPT.blocks_and_head.__get__(model)  # the class's method, even if compiled before
+    compiled = torch.compile(eager, fullgraph=True, **options)
+
+    def blocks_and_head(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
+                        kv_cache: KVCache | None, last_only: bool) -> torch.Tensor:
+        # One new token over a static cache is the shape the graph was made for. The compiled
+        # step is for inference: with autograd on, its in-place cache writes would clash with
+        # the saved tensors of a backward graph.
+        step = kv_cache is not None and kv_cache.static and x.size(1) == 1 and not torch.is_grad_enabled()
+        return (compiled if step else eager)(x, rope, mask, kv_cache, last_only)
+
+    model.blocks_and_head = blocks_and_head
+    model.new_kv_cache = partial(GPT.new_kv_cache, model, static=True)
