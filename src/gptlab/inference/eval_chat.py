@@ -1,0 +1,142 @@
+"""Next-utterance selection on conversations (``gptlab eval --chat FILE``): hits@1, the ConvAI2
+measure of whether a model tells the real reply from others.
+
+Each line of the file is a conversation ``{"messages": [{"role", "content"}, ...]}`` (the chat
+JSONL that ``gptlab finetune sft`` reads). Its last assistant message is the true reply and the
+messages before it are the context. K - 1 distractors are the true replies of other
+conversations, drawn from the whole file with a generator seeded by ``seed`` and the item's
+index, so an item's candidates do not change with ``limit``; a distractor never has the true
+reply's text (identical texts would tie). Each candidate is scored by the model's
+log-likelihood of the reply's tokens after the context rendered in the model's chat template:
+the reply is the text that rendering it adds after the generation prompt (its end-of-turn
+marker included), tokenized as ``finetune sft`` tokenizes it. An item is a hit when the true
+reply scores strictly higher than every distractor; guessing scores 1/K.
+
+The true replies' log-likelihood also gives bits per byte of the replies: total bits over the
+UTF-8 bytes of the replies' contents, the same denominator for every model and template.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gptlab.errors import UserError
+from gptlab.inference.eval_scoring import Row, Scorer, continuation_row, encode_exactly, jsonl_file_records
+from gptlab.tokenizers import Tokenizer
+from gptlab.tokenizers.chat_template import render_chat
+
+EXAMPLE = '{"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]}'
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    where: str
+    """FILE:LINE of the conversation"""
+    context: list[dict[str, str]]
+    """the messages before the reply"""
+    reply: str
+    """the content of the last assistant message"""
+
+
+def read_dialogues(path: str | Path) -> list[Dialogue]:
+    """The conversations of a chat JSONL file, split at their last assistant message."""
+    return [_split_record(value, where) for where, value in jsonl_file_records(path, EXAMPLE)]
+
+
+def _split_record(value: Any, where: str) -> Dialogue:
+    messages = value.get("messages") if isinstance(value, dict) else None
+    if not isinstance(messages, list):
+        raise UserError(f"{where}: expected an object with a 'messages' list, such as {EXAMPLE}")
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: message {i} must be an object with string 'role' and 'content'")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise UserError(f"{where}: the conversation has no assistant message, so there is no reply to select; "
+                        "end it with the assistant's reply or drop it")
+    if not messages[last]["content"].strip():
+        raise UserError(f"{where}: the last assistant message (message {last + 1}) is empty; there is no reply to "
+                        "select")
+    context = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+    return Dialogue(where, context, messages[last]["content"])
+
+
+def check_candidates(replies: list[str], k: int, path: str) -> None:
+    """Refuse a file with fewer than ``k`` conversations, or fewer than ``k`` different replies."""
+    if len(replies) < k:
+        raise UserError(f"{path} holds {len(replies)} conversation(s), fewer than the {k} candidates of --k {k}; "
+                        "give more conversations or a smaller --k")
+    if len(set(replies)) < k:
+        raise UserError(f"{path} holds {len(set(replies))} different replies, fewer than the {k} candidates of "
+                        f"--k {k}; give more conversations or a smaller --k")
+
+
+def draw_distractors(replies: list[str], k: int, seed: int, n_items: int, path: str) -> list[list[int]]:
+    """For each of the first ``n_items`` conversations, the indices of ``k - 1`` others whose
+    replies differ from its own and from each other (see the module docstring)."""
+    check_candidates(replies, k, path)
+    drawn = []
+    for i in range(n_items):
+        rng = random.Random(f"{seed}:{i}")  # a string seed is hashed the same way on every run and machine
+        chosen, texts = [], {replies[i]}
+        while len(chosen) < k - 1:
+            j = rng.randrange(len(replies))
+            if replies[j] not in texts:
+                chosen.append(j)
+                texts.add(replies[j])
+        drawn.append(chosen)
+    return drawn
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How the model is talked to: a Jinja template and its variables (``chat_format``)."""
+
+    template: str
+    variables: dict[str, str]
+
+    def reply_row(self, tokenizer: Tokenizer, dialogue: Dialogue, candidate: Dialogue, block_size: int) -> Row:
+        """The row that scores ``candidate``'s reply after ``dialogue``'s context."""
+        where = dialogue.where if candidate is dialogue else f"{dialogue.where} (the reply of {candidate.where})"
+        prompt = render_chat(self.template, dialogue.context, add_generation_prompt=True, **self.variables)
+        full = render_chat(self.template, [*dialogue.context, {"role": "assistant", "content": candidate.reply}],
+                           **self.variables)
+        if not full.startswith(prompt):
+            raise UserError(f"{where}: the chat template does not render the reply after the generation prompt (it "
+                            "rewrites the earlier text), so the reply cannot be scored alone; use a model with a "
+                            "prefix-stable template")
+        context = encode_exactly(tokenizer, prompt, dialogue.where, allowed_special="all")
+        reply = encode_exactly(tokenizer, full[len(prompt):], where, allowed_special="all")
+        return continuation_row(context, reply, block_size, where)
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    items: int
+    k: int
+    hits_at_1: float
+    chance: float
+    reply_bits_per_byte: float
+    """bits of the true replies (their end-of-turn marker included) per UTF-8 byte of their contents"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_chat(scorer: Scorer, tokenizer: Tokenizer, chat: ChatTemplate, dialogues: list[Dialogue], k: int = 5,
+                  seed: int = 0, limit: int | None = None, path: str = "--chat") -> ChatResult:
+    """hits@1 of ``k`` candidates over the first ``limit`` dialogues (all by default)."""
+    items = dialogues[:limit]
+    replies = [d.reply for d in dialogues]
+    distractors = draw_distractors(replies, k, seed, len(items), path)
+    rows = [chat.reply_row(tokenizer, d, candidate, scorer.block_size)
+            for i, d in enumerate(items) for candidate in [d, *(dialogues[j] for j in distractors[i])]]
+    logliks = scorer.score(rows, desc="eval chat", unit="reply")
+    true = logliks[::k]  # each item's k rows start with its true reply
+    hits = sum(logliks[n * k] > max(logliks[n * k + 1 : (n + 1) * k]) for n in range(len(items)))
+    n_bytes = sum(len(d.reply.encode("utf-8")) for d in items)
+    return ChatResult(len(items), k, hits / len(items), 1 / k, -sum(true) / math.log(2) / n_bytes)
