@@ -133,3 +133,15 @@ def test_device_peaks_come_from_the_table(monkeypatch, name, dtype, precision, t
 
 def test_cpu_has_no_table_peak():
     assert device_peak_flops(torch.device("cpu"), torch.float32) is None
+
+
+@pytest.mark.parametrize("command", [["train"], ["finetune", "sft"], ["finetune", "lora"], ["finetune", "classify"],
+                                     ["eval"], ["sample"], ["chat"], ["serve"]])
+def test_every_command_that_runs_a_model_takes_dtype_with_the_one_rule(command, capsys):
+    from gptlab.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--dtype" in help_text and "auto" in help_text
+    assert "fp32 on every CPU" in help_text  # the rule itself, stated where the flag is

@@ -1,6 +1,6 @@
 """Where a model runs and in what precision: one rule for every command.
 
-``--dtype auto`` (the default of ``train``, ``finetune``, ``sample``, ``chat`` and ``serve``)
+``--dtype auto`` (the default of ``train``, ``finetune``, ``eval``, ``sample``, ``chat`` and ``serve``)
 follows ``auto_dtype``, a pure function of the hardware:
 
 - a CUDA GPU with bf16 (Ampere and newer): bf16. Tensor cores run it several times faster
