@@ -182,6 +182,7 @@ def test_sample_cli_decodes_the_same_compiled_and_runs_quantized(engine, tmp_pat
     assert outputs[2].startswith("User: hello") and len(outputs[2]) > len("User: hello\n")
 
 
+@pytest.mark.dtype_rule  # it checks what auto picks on a CPU too
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_bf16_decoding_stores_weights_in_bf16_and_keeps_the_position_tables_fp32(variant):
     plain, fp32 = model_of(variant), model_of(variant)
