@@ -52,7 +52,7 @@ def chat_messages(utterances: Iterable[tuple[str, str]]) -> list[dict[str, str]]
 
 
 def chitchat_records() -> Records:
-    """The chitchat conversations that have a reply (4,018 of 7,168; the others are one person
+    """The chitchat conversations that have a reply (4,017 of 7,168; the others are one person
     writing alone). Split by the conversation's id."""
     name = "chitchat_dataset/dataset.json"
     try:
