@@ -270,6 +270,23 @@ def test_confusion_matrix_and_report_by_hand():
                                                      ["eggs", "1", "1", "2"]]
 
 
+def test_probabilities_keep_the_order_of_texts_of_mixed_lengths_and_confusion_of_counts_them():
+    model = cls.make_classifier(tiny_gpt(seed=4), 2)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)  # a head that tells texts apart
+    rows = [("good", "pos"), ("the film was awful, my day was poor", "neg"), ("bad", "neg"),
+            ("a lovely one: the hotel", "pos"), ("our trip was great", "pos")]
+    seqs, _ = cls.encode_texts(TOKENIZER, [t for t, _ in rows], 48)
+    one_by_one = torch.cat([cls.class_probabilities(model, [s], 0) for s in seqs])
+    # Batches of 2 sorted by length mix the rows; each must still come back in its own place.
+    batched = cls.class_probabilities(model, seqs, 0, batch_size=2)
+    torch.testing.assert_close(batched, one_by_one)
+    classifier = cls.Classifier(Path("mem"), model, TOKENIZER, ["neg", "pos"])
+    predicted = one_by_one.argmax(-1).tolist()
+    expected = cls.confusion_matrix([["neg", "pos"].index(label) for _, label in rows], predicted, 2)
+    assert cls.confusion_of(classifier, examples(rows), batch_size=2) == expected
+
+
 def test_cli_finetune_classify_then_classify(tmp_path, capsys):
     from gptlab.cli import main
 
