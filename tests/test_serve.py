@@ -200,3 +200,36 @@ def test_sse_body_shape(url):
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_slot_is_free_before_its_response_ends_even_when_the_loop_closes_at_once(engine, monkeypatch):
+    """FastAPI's test client runs each request in an event loop of its own, closed as soon as the
+    response ends. The worker's last callback is made to arrive late, as it does when the worker
+    thread is preempted on a loaded machine: freeing the slot in a callback of its own, after the
+    end marker, lost that callback to the closed loop, and the next request waited forever."""
+    from fastapi.testclient import TestClient
+
+    from gptlab.serve.generation import Generation
+
+    real_work = Generation._work
+
+    class LateFinish:  # the running loop, whose thread-safe callbacks other than pieces arrive late
+        def __init__(self, loop):
+            self.loop = loop
+
+        def call_soon_threadsafe(self, callback, *args):
+            if getattr(callback, "__name__", "") in ("_finish", "_release"):
+                threading.Timer(0.3, self.loop.call_soon_threadsafe, (callback, *args)).start()
+            else:
+                self.loop.call_soon_threadsafe(callback, *args)
+
+    monkeypatch.setattr(Generation, "_work", lambda self, loop, queue: real_work(self, LateFinish(loop), queue))
+    client = TestClient(create_app(engine, MODEL, max_concurrency=1))
+    body = {"model": MODEL, "messages": HI, "max_tokens": 3, "temperature": 0}
+    for _ in range(2):  # the second request needs the slot the first one held
+        answered = []  # in a daemon thread, so that a request left waiting fails the test instead of hanging it
+        asker = threading.Thread(target=lambda: answered.append(client.post("/v1/chat/completions", json=body)),
+                                 daemon=True)
+        asker.start()
+        asker.join(timeout=30)
+        assert answered and answered[0].status_code == 200, "the request waited for a slot that was never freed"

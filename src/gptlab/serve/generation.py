@@ -122,8 +122,15 @@ class Generation:
         except Exception as e:  # handed to the request, which answers with it
             hand(queue.put_nowait, e)
         finally:
-            hand(queue.put_nowait, _END)
-            hand(self._release)
+            hand(self._finish, queue)
+
+    def _finish(self, queue: asyncio.Queue[object]) -> None:
+        # One callback frees the slot and ends the pieces, so the slot is free before the response
+        # can end. As two callbacks, a response could end on the end marker and its event loop
+        # close (FastAPI's test client runs each request in a loop of its own) before the second
+        # ran: the slot stayed taken and the next request waited for it forever.
+        self._release()
+        queue.put_nowait(_END)
 
     def _release(self) -> None:
         self.gate.slots.release()
