@@ -24,7 +24,7 @@ from gptlab.model.layers import (
 from gptlab.train import loop
 from gptlab.weights.load import load_checkpoint
 
-FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
+FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gemma3"]
 V = 256
 
 
@@ -33,7 +33,7 @@ def tiny_config(family: str, **overrides) -> ModelConfig:
     shape = {"vocab_size": V, "block_size": 32, "n_layer": 2, "n_embd": 64, "n_head": 4}
     if family != "gpt2":
         shape["n_kv_head"] = 2
-    if family == "mistral":
+    if family in ("mistral", "gemma3"):
         shape["sliding_window"] = 8
     return ModelConfig.for_family(family, **{**shape, **overrides})
 
@@ -116,7 +116,7 @@ def test_presets(family):
     assert all(getattr(model_cfg, k) == v for k, v in PRESETS[family]["model"].items())
     with torch.device("meta"):  # shapes only, no memory
         model = GPT(model_cfg)
-    expected = {"gpt2": 124_439_808, "llama": 134_515_008, "qwen2": 494_032_768}
+    expected = {"gpt2": 124_439_808, "llama": 134_515_008, "qwen2": 494_032_768, "gemma3": 268_098_176}
     if family in expected:  # the released models' sizes (GPT-2 small, SmolLM2-135M, Qwen2.5-0.5B)
         assert model.num_parameters() == expected[family]
 
@@ -140,6 +140,11 @@ EXPECTED_BLOCK = {
     + [f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")],
 }
 EXPECTED_BLOCK["mistral"] = EXPECTED_BLOCK["llama"]
+EXPECTED_BLOCK["gemma3"] = (
+    ["input_layernorm.weight"] + [f"{p}.weight" for p in ATTN] + ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    + ["post_attention_layernorm.weight", "pre_feedforward_layernorm.weight"]
+    + [f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")] + ["post_feedforward_layernorm.weight"]
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -149,7 +154,7 @@ def test_parameter_names(family):
     tail = ["norm.weight", "norm.bias"] if family == "gpt2" else ["norm.weight"]
     expected = head + [f"layers.0.{name}" for name in EXPECTED_BLOCK[family]] + tail
     tied = model.config.tie_embeddings
-    assert tied == (family == "gpt2")
+    assert tied == (family in ("gpt2", "gemma3"))
     # named_parameters lists a tied head once, under the embedding; the state dict has both.
     own_head = [] if tied else ["lm_head.weight"]
     assert [name for name, _ in model.named_parameters()] == expected + own_head
@@ -175,7 +180,8 @@ def test_init_and_loss_near_ln_vocab(family):
     model = tiny(family)
     for name, p in model.named_parameters():
         if "norm" in name:
-            assert torch.all(p == (0 if name.endswith(".bias") else 1)), name
+            zero_centred = name.endswith(".bias") or model.config.norm == "rmsnorm_offset"
+            assert torch.all(p == (0 if zero_centred else 1)), name
         elif name.endswith(".bias"):
             assert torch.all(p == 0), name
     gate = model.layers[0].mlp.gate_proj

@@ -53,6 +53,19 @@ def test_unsafe_or_broken_templates_fail_cleanly(template, message):
     assert messages == [{"role": "user", "content": "hi"}]
 
 
+def test_turn_end_tokens_put_the_eos_token_first():
+    from types import SimpleNamespace
+
+    from gptlab.tokenizers import CharTokenizer
+    from gptlab.tokenizers.chat_template import turn_end_tokens
+
+    tok = CharTokenizer.train("ab", special_tokens=["<|im_end|>", "<end_of_turn>", "<eos>", "<|endoftext|>"])
+    checkpoint = SimpleNamespace(tokenizer=tok, path=".", tokenizer_config={"eos_token": "<eos>"})
+    assert turn_end_tokens(checkpoint) == ["<eos>", "<|endoftext|>", "<|im_end|>", "<end_of_turn>"]
+    checkpoint.tokenizer_config = {"eos_token": "<|im_end|>"}  # named once, though also a common turn end
+    assert turn_end_tokens(checkpoint) == ["<|im_end|>", "<|endoftext|>", "<end_of_turn>"]
+
+
 def test_chat_config_reads_token_objects(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "x", "eos_token": {"content": "</s>"}}')
     assert chat_config(tmp_path) == {"chat_template": "x", "eos_token": "</s>"}

@@ -159,6 +159,27 @@ def test_stream_returns_exact_completion():
     assert eos.text == CHARS.decode(eos.token_ids[:-1])
 
 
+def test_a_model_that_reads_a_bos_gets_exactly_one_and_stops_at_its_turn_end():
+    """Gemma's settings: add_bos_token with <bos>, and <end_of_turn> ending a turn besides <eos>."""
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz .,\n", special_tokens=["<eos>", "<bos>", "<end_of_turn>"])
+    bos = tok.token_id("<bos>")
+    model = GPT(ModelConfig.for_family("llama", vocab_size=tok.vocab_size, **SHAPE)).eval()
+
+    def engine(template: str | None = None, add_bos: bool = True) -> Engine:
+        config = {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": add_bos, "chat_template": template}
+        ckpt = SimpleNamespace(model=model, tokenizer=tok, config=model.config, path=".", tokenizer_config=config)
+        return Engine(ckpt)
+
+    hi = [{"role": "user", "content": "hi"}]
+    assert engine().encode_prompt("the cat") == [bos, *tok.encode("the cat")]
+    assert engine(add_bos=False).encode_prompt("the cat") == tok.encode("the cat")
+    plain = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert engine(plain).chat_prompt(hi, 4).ids == [bos, *tok.encode("hi")]
+    # A template that writes the bos_token itself gets no second one.
+    assert engine("{{ bos_token }}" + plain).chat_prompt(hi, 4).ids == [bos, *tok.encode("hi")]
+    assert engine().eos_ids == {tok.token_id("<eos>"), tok.token_id("<end_of_turn>")}
+
+
 def test_sample_cli_decodes_the_same_compiled_and_runs_quantized(engine, tmp_path, monkeypatch, capsys):
     from gptlab.cli import main
     from gptlab.weights.checkpoint import save_checkpoint

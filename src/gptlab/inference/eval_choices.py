@@ -5,8 +5,9 @@ A record is ``{"context": str, "endings": [str, ...], "label": int}``, one per l
 is scored as the continuation ``" " + ending`` of the context (the harness's default
 ``target_delimiter``), tokenized the harness's way (``_encode_pair``): whitespace that ends the
 context moves to the front of the continuation, the context and context + continuation are
-tokenized, and the continuation's tokens are those of the whole after the context's. No BOS
-token is added. Then
+tokenized, and the continuation's tokens are those of the whole after the context's. A model
+that reads a BOS token before its text (``chat_template.bos_id``) gets one in front, as the
+harness gives it; no other is added. Then
 
 - ``acc``: the ending with the highest summed log-likelihood is the label;
 - ``acc_norm``: the same after dividing each log-likelihood by the ending's length. The harness's
@@ -58,15 +59,17 @@ def _check_record(value: Any, where: str) -> ChoiceItem:
     return ChoiceItem(where, context, endings, label)
 
 
-def harness_row(tokenizer: Tokenizer, context: str, ending: str, block_size: int, where: str) -> Row:
-    """The row that scores ``" " + ending`` after ``context``, tokenized as the harness does."""
+def harness_row(tokenizer: Tokenizer, context: str, ending: str, block_size: int, where: str,
+                bos: int | None = None) -> Row:
+    """The row that scores ``" " + ending`` after ``context`` (and ``bos``, if not None),
+    tokenized as the harness does."""
     continuation = " " + ending
     n_space = len(context) - len(context.rstrip())
     if n_space:
         context, continuation = context[:-n_space], context[-n_space:] + continuation
     whole = encode_exactly(tokenizer, context + continuation, where)
     context_ids = tokenizer.encode(context)
-    return continuation_row(context_ids, whole[len(context_ids):], block_size, where)
+    return continuation_row(context_ids, whole[len(context_ids):], block_size, where, bos)
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def argmax(values: list[float]) -> int:
 
 def evaluate_choices(scorer: Scorer, tokenizer: Tokenizer, items: list[ChoiceItem]) -> ChoiceResult:
     """acc and acc_norm over ``items`` (see the module docstring)."""
-    rows = [harness_row(tokenizer, item.context, ending, scorer.block_size, item.where)
+    rows = [harness_row(tokenizer, item.context, ending, scorer.block_size, item.where, scorer.bos_id)
             for item in items for ending in item.endings]
     logliks = iter(scorer.score(rows, desc="eval choices", unit="ending"))
     acc = acc_norm = 0

@@ -23,6 +23,7 @@ from gptlab.device import autocast
 from gptlab.errors import UserError
 from gptlab.tokenizers import Tokenizer
 from gptlab.tokenizers.base import AllowedSpecial
+from gptlab.tokenizers.chat_template import with_bos
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class Scorer:
     max_tokens: int = 8192
     """input tokens per forward pass beyond its first row: bounds the (B, T, V) logits, so that a
     batch of long windows of a large vocabulary does not fill the memory"""
+    bos_id: int | None = None
+    """the id every row starts with where the model reads one (``chat_template.bos_id``): the
+    tasks build their rows with it, so each window and record is read as the model was trained"""
 
     def __post_init__(self) -> None:
         self.model.eval()  # dropout off: a score is a property of the weights, not of a random mask
@@ -110,9 +114,11 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 10
     return out
 
 
-def continuation_row(context: list[int], continuation: list[int], block_size: int, where: str) -> Row:
+def continuation_row(context: list[int], continuation: list[int], block_size: int, where: str,
+                     bos: int | None = None) -> Row:
     """The row that scores ``continuation`` after ``context``, the context cut from the left to
-    fit the model's context (as lm-evaluation-harness does)."""
+    fit the model's context (as lm-evaluation-harness does); with ``bos``, the row starts with it
+    (``with_bos``) and the context is cut after it."""
     if not continuation:
         raise UserError(f"{where}: the text to score is empty once tokenized; give a non-empty one")
     if not context:
@@ -121,7 +127,9 @@ def continuation_row(context: list[int], continuation: list[int], block_size: in
     if len(continuation) > block_size:
         raise UserError(f"{where}: the text to score is {len(continuation)} tokens, more than the model's context "
                         f"of {block_size}; shorten it or drop the record")
-    return Row((context + continuation)[-(block_size + 1):], len(continuation))
+    tokens = with_bos(context + continuation, bos)
+    head = tokens[:1] if bos is not None else []
+    return Row(head + tokens[len(head):][-(block_size + 1 - len(head)):], len(continuation))
 
 
 def encode_exactly(tokenizer: Tokenizer, text: str, where: str, allowed_special: AllowedSpecial = ()) -> list[int]:

@@ -18,7 +18,8 @@ from gptlab.errors import UserError
 @dataclass
 class EvalOptions:
     window: int | None = None
-    """--corpus: input tokens per window (default: the model's block size)"""
+    """--corpus: input tokens per window (default: the model's block size, fewer for a large
+    vocabulary: ``eval_text.DEFAULT_WINDOW_LOGITS``)"""
     stride: int | None = None
     """--corpus: tokens between window starts (default: the window, non-overlapping)"""
     k: int | None = None
@@ -99,12 +100,14 @@ def _load(model: str, options: EvalOptions):
     """The checkpoint, a scorer of its model and the precision it runs in."""
     from gptlab.device import pick_device, pick_dtype
     from gptlab.inference.eval_scoring import Scorer
+    from gptlab.tokenizers.chat_template import bos_id
     from gptlab.weights.load import load_checkpoint
 
     device = pick_device(options.device)
     precision = pick_dtype(options.dtype, device)
     checkpoint = load_checkpoint(model, device=device)
-    scorer = Scorer(checkpoint.model, device, precision.dtype, options.batch_size, options.progress)
+    scorer = Scorer(checkpoint.model, device, precision.dtype, options.batch_size, options.progress,
+                    bos_id=bos_id(checkpoint))
     return scorer, checkpoint, precision
 
 

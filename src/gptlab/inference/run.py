@@ -37,7 +37,7 @@ def run_sample(model_path: str | None, prompt: str = "\n", num_samples: int = 1,
     path = Path(model_path) if model_path is not None else newest_run()
     dev = pick_device(device)
     engine = Engine(load_checkpoint(path, device=dev), dev, dtype=dtype, compile=compile, quantize=quantize)
-    prompt_ids = engine.tokenizer.encode(prompt)
+    prompt_ids = engine.encode_prompt(prompt)
     # One generator for every sample: with a seed, the samples differ from each other and the
     # whole output repeats exactly.
     generator = engine.seeded_generator(params.seed)

@@ -31,6 +31,10 @@ class KVCache:
     A forward pass with the cache calls ``update`` once per layer with its new keys and values,
     then ``advance`` with the number of new tokens; ``length`` counts the tokens stored.
     With ``static``, ``update`` returns all ``max_len`` slots (see the module's docstring).
+
+    Local (sliding-window) layers keep every key as well, and their attention mask hides the
+    keys that have left their window: one layout for every kind of layer, at the price of
+    memory a ring buffer of sliding_window slots per local layer would spare.
     """
 
     def __init__(self, config: ModelConfig, max_len: int | None = None, static: bool = False) -> None:

@@ -2,7 +2,7 @@
 self-attention, MLPs.
 
 Shapes use B = batch, T = new tokens, S = tokens attended to (T, or cached + T with a KV
-cache), C = n_embd, H = n_head, K = n_kv_head, D = head_dim = C // H.
+cache), C = n_embd, H = n_head, K = n_kv_head, D = head_dim (C // H unless the config sets it).
 Modules here only declare their parameters; ``GPT.init_weights`` gives them their values.
 """
 
@@ -43,25 +43,33 @@ class RMSNorm(nn.Module):
     LayerNorm without the mean subtraction and the bias: only the vector's scale is
     normalised, which is cheaper and trains as well. Computed in float32 and cast back before
     the weight, in the same order as Hugging Face, so imported models match it bit for bit.
+
+    With ``unit_offset`` (Gemma's norm) the scale is 1 + weight, and the product is taken in
+    float32 too before the cast, again as Hugging Face's Gemma does: a weight of 0 is the
+    identity, which is how ``GPT.init_weights`` starts it and how Gemma's files store it.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm without a weight is the float32 normalisation in one kernel (half the
         # time of pow, mean, rsqrt, mul spelled out, the same values).
         x32 = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> LayerNorm | RMSNorm:
-    """The norm ``config.norm`` asks for, over the residual width C."""
-    if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, eps=config.norm_eps)
-    return LayerNorm(config.n_embd, bias=config.bias, eps=config.norm_eps)
+def make_norm(config: ModelConfig, dim: int | None = None) -> LayerNorm | RMSNorm:
+    """The norm ``config.norm`` asks for, over ``dim`` features (default the residual width C)."""
+    dim = config.n_embd if dim is None else dim
+    if config.norm in ("rmsnorm", "rmsnorm_offset"):
+        return RMSNorm(dim, eps=config.norm_eps, unit_offset=config.norm == "rmsnorm_offset")
+    return LayerNorm(dim, bias=config.bias, eps=config.norm_eps)
 
 
 # --- fixed position encodings: sinusoidal and ALiBi -----------------------------------------
@@ -118,18 +126,20 @@ def alibi_bias(slopes: torch.Tensor, mask: torch.Tensor, first_query: int | None
 # --- rotary position embeddings (RoPE) -------------------------------------------------------
 
 
-def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Angular speed of each rotated pair, (D // 2,) float32, and the factor for cos and sin.
+def rope_inv_freq(config: ModelConfig, kind: str = "global") -> tuple[torch.Tensor, float]:
+    """Angular speed of each rotated pair, (D // 2,) float32, and the factor for cos and sin,
+    for the layers of ``kind`` ("global", or "local": see ``rope_local_theta``).
 
     Pair i of a head turns by position * inv_freq[i] with inv_freq[i] = theta^(-2i / D): the
     first pairs spin fast (local order), the last ones slowly (long range). ``rope_scaling``
     slows some of them down so a model trained on a short context reads a longer one; the
     three kinds compute exactly what Hugging Face's ``ROPE_INIT_FUNCTIONS`` do.
     """
-    D, base = config.head_dim, config.rope_theta
+    own_local = kind == "local" and config.rope_local_theta is not None
+    D, base = config.head_dim, config.rope_local_theta if own_local else config.rope_theta
     pos_freqs = base ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D)  # (D/2,)
     inv_freq = 1.0 / pos_freqs
-    scaling = config.rope_scaling
+    scaling = None if own_local else config.rope_scaling
     if scaling is None:
         return inv_freq, 1.0
     kind = scaling["rope_type"]
@@ -198,13 +208,16 @@ def _yarn_inv_freq(
     return inv_freq, float(attention_factor)
 
 
-def rope_tables(config: ModelConfig, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's angles, each (n_positions, D) float32.
+def rope_tables(
+    config: ModelConfig, n_positions: int, kind: str = "global"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, each (n_positions, D) float32, for the layers of
+    ``kind`` ("global" or "local").
 
     Split-halves layout (as Hugging Face): dimension j and j + D/2 form pair j, so the
     (T, D/2) angles are repeated once along the last dimension.
     """
-    inv_freq, attention_factor = rope_inv_freq(config)
+    inv_freq, attention_factor = rope_inv_freq(config, kind)
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), inv_freq)  # (T, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, D)
     return angles.cos() * attention_factor, angles.sin() * attention_factor
@@ -285,13 +298,13 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and earlier positions.
 
-    All heads run in one batched matmul: the (B, T, C) projections are viewed as (B, H, T, D).
-    With ``n_kv_head`` < ``n_head`` (grouped-query attention) keys and values have K heads,
-    each shared by H // K query heads. ``attn_impl`` ("sdpa" or "reference", from the config)
-    may be changed on the module at any time. Setting ``save_weights = True`` makes every
-    forward pass store the attention probabilities in ``attn_weights`` (B, H, T, S); that
+    All heads run in one batched matmul: the (B, T, H * D) projections are viewed as
+    (B, H, T, D). With ``n_kv_head`` < ``n_head`` (grouped-query attention) keys and values
+    have K heads, each shared by H // K query heads. ``attn_impl`` ("sdpa" or "reference", from
+    the config) may be changed on the module at any time. Setting ``save_weights = True`` makes
+    every forward pass store the attention probabilities in ``attn_weights`` (B, H, T, S); that
     needs the reference path, so it is used whatever ``attn_impl`` says while ``save_weights``
-    is on.
+    is on, and so does a soft cap on the scores (``attn_logit_softcapping``), which SDPA lacks.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
@@ -303,15 +316,24 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.attn_impl = config.attn_impl
         self.qk_norm = config.qk_norm
+        # Scores are scaled by 1/sqrt(D), or by Gemma's query_pre_attn_scalar ** -0.5 (spelled
+        # as each reference spells it, so that the float is the same to the last bit).
+        pre_attn = config.query_pre_attn_scalar
+        self.scale = 1.0 / math.sqrt(self.head_dim) if pre_attn is None else pre_attn**-0.5
+        self.softcap = config.attn_logit_softcapping
         self.save_weights = False
         self.attn_weights: torch.Tensor | None = None
-        C, KD = config.n_embd, config.kv_heads * config.head_dim
+        C, QD, KD = config.n_embd, config.n_head * config.head_dim, config.kv_heads * config.head_dim
         # Separate projections (not one fused c_attn as in GPT-2's files) so the names match
-        # the Llama tree and k/v can have fewer heads than q.
-        self.q_proj = nn.Linear(C, C, bias=config.qkv_has_bias)
+        # the Llama tree and k/v can have fewer heads than q. H * D is C unless head_dim is set.
+        self.q_proj = nn.Linear(C, QD, bias=config.qkv_has_bias)
         self.k_proj = nn.Linear(C, KD, bias=config.qkv_has_bias)
         self.v_proj = nn.Linear(C, KD, bias=config.qkv_has_bias)
-        self.o_proj = nn.Linear(C, C, bias=config.bias)
+        self.o_proj = nn.Linear(QD, C, bias=config.bias)
+        # A learned QK-norm: one scale per dimension of a head, shared by every head.
+        learned = config.learned_qk_norm
+        self.q_norm = make_norm(config, config.head_dim) if learned else None
+        self.k_norm = make_norm(config, config.head_dim) if learned else None
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -330,7 +352,7 @@ class CausalSelfAttention(nn.Module):
         (S == T, SDPA's fast is_causal path) or one new token after cached ones (T == 1); or a
         float mask, (H or B, H, T, S), added to the scores (-inf where a key is hidden; ALiBi).
         """
-        B, T, C = x.shape
+        B, T, _ = x.shape
         # (B, T, C) -> (B, H, T, D): heads become a batch dimension.
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -338,6 +360,8 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:
             # Unit-RMS queries and keys: each score is then sqrt(D) times a cosine, never huge.
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # the same, with a learned scale
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -346,17 +370,17 @@ class CausalSelfAttention(nn.Module):
         n_rep = self.n_head // self.n_kv_head
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # SDPA wants an additive mask in the queries' dtype (bf16 under autocast)
-        if self.attn_impl == "sdpa" and not self.save_weights:
+        if self.attn_impl == "sdpa" and not self.save_weights and self.softcap is None:
             # enable_gqa lets each k/v head serve its n_rep query heads in place, without
             # copying the (B, K, S, D) cache n_rep times as repeat_kv does.
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=mask is None and T > 1, enable_gqa=n_rep > 1,
+                is_causal=mask is None and T > 1, scale=self.scale, enable_gqa=n_rep > 1,
             )  # fmt: skip
         else:
             y = self._reference_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask)  # (B, H, S, D)
-        # (B, H, T, D) -> (B, T, C): concatenate the heads again.
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        # (B, H, T, D) -> (B, T, H * D): concatenate the heads again.
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.o_proj(y))
 
     def _reference_attention(
@@ -366,7 +390,10 @@ class CausalSelfAttention(nn.Module):
         T, S = q.size(-2), k.size(-2)
         # (B, H, T, S): how much query i attends to key j. Scaling by 1/sqrt(D) keeps the
         # scores' variance near 1 so the softmax does not saturate.
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        if self.softcap is not None:
+            # cap * tanh(s / cap): about s while small, never beyond +-cap.
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if mask is None:
             mask = attention_mask(T, S, None, q.device)
         if mask.is_floating_point():
@@ -388,25 +415,29 @@ class MLP(nn.Module):
     """Position-wise feed-forward network, applied to every token alone: C -> hidden -> C.
 
     "gelu" (GPT-2): down(gelu(up(x))). "swiglu" (Llama): down(silu(gate(x)) * up(x)), where
-    the gate decides, per token and hidden unit, how much of up(x) passes. "relu2":
+    the gate decides, per token and hidden unit, how much of up(x) passes. "geglu" (Gemma):
+    the same gate through the tanh GELU, down(gelu(gate(x)) * up(x)). "relu2":
     down(relu(up(x))^2), the squared ReLU of Primer (So et al., 2021).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         C, hidden = config.n_embd, config.mlp_hidden
-        self.gate_proj = nn.Linear(C, hidden, bias=config.bias) if config.mlp == "swiglu" else None
+        gated = config.mlp in ("swiglu", "geglu")
+        self.gate_proj = nn.Linear(C, hidden, bias=config.bias) if gated else None
         self.up_proj = nn.Linear(C, hidden, bias=config.bias)
         self.down_proj = nn.Linear(hidden, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.kind = config.mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 and Gemma were trained with the tanh approximation of GELU; their weights expect it.
         if self.kind == "relu2":
             h = F.relu(self.up_proj(x)).square()  # (B, T, hidden)
-        elif self.gate_proj is None:
-            # GPT-2 was trained with the tanh approximation of GELU; imported weights expect it.
+        elif self.kind == "gelu":
             h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, hidden)
+        elif self.kind == "geglu":
+            h = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)  # (B, T, hidden)
         else:
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, hidden)
         return self.dropout(self.down_proj(h))  # (B, T, C)

@@ -1,21 +1,27 @@
 """The decoder-only language model: embeddings -> blocks -> final norm -> head.
 
-GPT-2, Llama, Qwen2 and Mistral are all this one model with different ``ModelConfig``
-options. Parameter names follow the Hugging Face Llama tree, so importing weights is a table
-of names:
+GPT-2, Llama, Qwen2, Mistral and Gemma 3 are all this one model with different
+``ModelConfig`` options. Parameter names follow the Hugging Face Llama tree, so importing
+weights is a table of names:
 
     embed_tokens.weight                      (V, C)
     embed_positions.weight                   (block_size, C)   only with learned positions
     layers.N.input_layernorm.{weight,bias}
-    layers.N.self_attn.{q,k,v}_proj.{weight,bias}   k, v: (K * D, C) with K = n_kv_head
-    layers.N.self_attn.o_proj.{weight,bias}
+    layers.N.self_attn.q_proj.{weight,bias}  (H * D, C), H * D = C unless head_dim is set
+    layers.N.self_attn.{k,v}_proj.{weight,bias}   (K * D, C) with K = n_kv_head
+    layers.N.self_attn.{q,k}_norm.weight     (D,), only with learned_qk_norm
+    layers.N.self_attn.o_proj.{weight,bias}  (C, H * D)
     layers.N.post_attention_layernorm.{weight,bias}
-    layers.N.mlp.gate_proj.{weight,bias}     only with the swiglu MLP
+    layers.N.pre_feedforward_layernorm.weight    only with sandwich_norm
+    layers.N.post_feedforward_layernorm.weight   only with sandwich_norm
+    layers.N.mlp.gate_proj.{weight,bias}     only with the gated MLPs (swiglu, geglu)
     layers.N.mlp.{up,down}_proj.{weight,bias}
     norm.{weight,bias}
     lm_head.weight                           (V, C), the same tensor as embed_tokens when tied
 
 Biases exist only when ``config.bias`` (q/k/v: ``config.qkv_has_bias``); RMSNorm has none.
+``post_attention_layernorm`` is the MLP's input norm in a pre-norm block (Llama's name), and
+the norm of the attention's output in a sandwich block (Gemma's), as Hugging Face names them.
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ from gptlab.model.config import ModelConfig
 from gptlab.model.kv_cache import KVCache
 from gptlab.model.bigram import Bigram
 from gptlab.model.layers import (
-    MLP, CausalSelfAttention, alibi_bias, alibi_slopes, make_norm, rope_tables, sinusoidal_positions, token_positions,
+    MLP, CausalSelfAttention, LayerNorm, RMSNorm, alibi_bias, alibi_slopes, make_norm, rope_tables,
+    sinusoidal_positions, token_positions,
 )  # fmt: skip
 from gptlab.model.layers import attention_mask as build_attention_mask
+
+# The names of the RoPE buffers of each kind of layer: rope_cos and rope_sin, rope_local_cos ...
+ROPE_PREFIX = {"global": "rope", "local": "rope_local"}
 
 
 class Block(nn.Module):
@@ -42,15 +52,24 @@ class Block(nn.Module):
 
     Normalising the input of each branch (not its output, as the 2017 Transformer did) keeps
     the residual stream an untouched sum, so gradients reach early layers undiminished and
-    training is stable with little learning-rate warm-up.
+    training is stable with little learning-rate warm-up. With ``sandwich_norm`` (Gemma) each
+    branch's output is normalised as well before it is added: x + norm(attn(norm(x))), then
+    x + norm(mlp(norm(x))); the stream stays a sum, of terms no larger than a norm's scale.
+
+    ``attn_kind`` is "local" (a sliding window) or "global": which RoPE table and mask the
+    model hands this block.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.attn_kind = config.layer_kind(layer_idx)
+        sandwich = config.sandwich_norm
         self.input_layernorm = make_norm(config)
         self.self_attn = CausalSelfAttention(config, layer_idx)
         self.post_attention_layernorm = make_norm(config)
+        self.pre_feedforward_layernorm = make_norm(config) if sandwich else None
         self.mlp = MLP(config)
+        self.post_feedforward_layernorm = make_norm(config) if sandwich else None
 
     def forward(
         self,
@@ -59,16 +78,22 @@ class Block(nn.Module):
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache)  # (B, T, C)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), rope, mask, kv_cache)  # (B, T, C)
+        if self.pre_feedforward_layernorm is None:  # pre-norm
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)  # sandwich
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class GPT(nn.Module):
     """A decoder-only Transformer language model, every layer written out.
 
     The config's options choose GPT-2's parts (learned positions, LayerNorm, GELU) or Llama's
-    (RoPE, RMSNorm, SwiGLU, grouped-query attention), Qwen2's q/k/v biases and Mistral's
-    sliding window; ``ModelConfig.for_family`` fills them in by name.
+    (RoPE, RMSNorm, SwiGLU, grouped-query attention), Qwen2's q/k/v biases, Mistral's
+    sliding window, or Gemma 3's (local and global layers, each with its RoPE base; scaled
+    embeddings; sandwich norms; QK-norm; GeGLU; soft-capping); ``ModelConfig.for_family``
+    fills them in by name.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -80,11 +105,13 @@ class GPT(nn.Module):
         self.embed_positions = nn.Embedding(config.block_size, config.n_embd) if learned else None
         # The other position encodings are buffers, not parameters: computed from the config,
         # so not saved (persistent=False). RoPE: cos and sin of every position's angles,
-        # (block_size, D); sinusoidal: the (block_size, C) table; ALiBi: one slope per head.
+        # (block_size, D), and a second pair for local layers with a base of their own;
+        # sinusoidal: the (block_size, C) table; ALiBi: one slope per head.
         if config.pos_embedding == "rope":
             shape = (config.block_size, config.head_dim)
-            self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+            for kind in self._rope_kinds():
+                self.register_buffer(f"{ROPE_PREFIX[kind]}_cos", torch.empty(shape), persistent=False)
+                self.register_buffer(f"{ROPE_PREFIX[kind]}_sin", torch.empty(shape), persistent=False)
         elif config.pos_embedding == "sinusoidal":
             self.register_buffer("sinusoid", torch.empty(config.block_size, config.n_embd), persistent=False)
         elif config.pos_embedding == "alibi":
@@ -112,11 +139,14 @@ class GPT(nn.Module):
           stream's variance at the top about what it is at the bottom. With
           ``zero_init_residual``: 0, so each block starts as the identity.
         - every Linear bias: 0
-        - every norm (``input_layernorm``, ``post_attention_layernorm``, ``norm``): weight 1
-          and, for LayerNorm with bias, bias 0, so it starts as a plain standardisation
+        - every norm (``input_layernorm``, ``post_attention_layernorm``, the sandwich norms,
+          ``q_norm``/``k_norm``, ``norm``): the identity scale, weight 1 (0 for
+          "rmsnorm_offset", whose scale is 1 + weight) and, for LayerNorm with bias, bias 0,
+          so it starts as a plain standardisation
         - ``lm_head.weight``: the token embedding when tied, else normal(0, 0.02)
-        - the (not learned) buffers: with RoPE ``rope_cos``/``rope_sin``, the rotation tables;
-          sinusoidal, ``sinusoid``, the sin/cos table; ALiBi, ``alibi_slopes``, one per head
+        - the (not learned) buffers: with RoPE ``rope_cos``/``rope_sin``, the rotation tables
+          (and ``rope_local_cos``/``rope_local_sin`` with ``rope_local_theta``); sinusoidal,
+          ``sinusoid``, the sin/cos table; ALiBi, ``alibi_slopes``, one per head
 
         With these, the logits start near zero and the loss near ln(vocab_size).
         """
@@ -131,10 +161,10 @@ class GPT(nn.Module):
         elif pos_embedding == "alibi":
             self.alibi_slopes.copy_(alibi_slopes(self.config.n_head))
         else:
-            cos, sin = rope_tables(self.config, self.config.block_size)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
-        norms = [self.norm]
+            for kind in self._rope_kinds():
+                cos, sin = rope_tables(self.config, self.config.block_size, kind)
+                getattr(self, f"{ROPE_PREFIX[kind]}_cos").copy_(cos)
+                getattr(self, f"{ROPE_PREFIX[kind]}_sin").copy_(sin)
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             residual = (attn.o_proj, mlp.down_proj)
@@ -146,13 +176,20 @@ class GPT(nn.Module):
                     nn.init.normal_(linear.weight, mean=0.0, std=resid_std if linear in residual else std)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
-            norms += [layer.input_layernorm, layer.post_attention_layernorm]
-        for norm in norms:
-            nn.init.ones_(norm.weight)
-            if getattr(norm, "bias", None) is not None:
-                nn.init.zeros_(norm.bias)
+        for norm in self.modules():
+            if isinstance(norm, (LayerNorm, RMSNorm)):
+                zero_centred = isinstance(norm, RMSNorm) and norm.unit_offset  # its scale is 1 + weight
+                nn.init.constant_(norm.weight, 0.0 if zero_centred else 1.0)
+                if getattr(norm, "bias", None) is not None:
+                    nn.init.zeros_(norm.bias)
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+
+    def _rope_kinds(self) -> tuple[str, ...]:
+        """The kinds of layer with a RoPE table of their own: "global" always (local layers
+        share it unless ``rope_local_theta`` gives them a base of their own)."""
+        own_local = self.config.rope_local_theta is not None and "local" in self.config.attention_kinds
+        return ("global", "local") if own_local else ("global",)
 
     def new_kv_cache(self, max_len: int | None = None, static: bool = False) -> KVCache:
         """An empty KV cache for this model, for up to ``max_len`` (default block_size) tokens;
@@ -191,7 +228,8 @@ class GPT(nn.Module):
             raise ValueError("last_only=True gives no loss: the loss needs every position's logits")
         real = _real_tokens(attention_mask, (B, start + T))  # (B, start + T) bool, or None
         x, rope = self.embed(idx, token_positions(start, T, real, idx.device))  # (B, T, C)
-        mask = self._attention_mask(T, start, kv_cache, real, idx.device)
+        mask = {kind: self._attention_mask(T, start, kv_cache, real, idx.device, self.config.window(kind))
+                for kind in self.config.attention_kinds}
         logits = self.blocks_and_head(x, rope, mask, kv_cache, last_only)  # (B, T or 1, V)
         if kv_cache is not None:
             kv_cache.advance(T)
@@ -217,12 +255,16 @@ class GPT(nn.Module):
 
     def embed(
         self, idx: torch.Tensor, pos: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor] | None]]:
         """The tokens ``idx`` (B, T) at positions ``pos`` (T,) or (B, T), as vectors x (B, T, C),
-        with their positions added in (learned, sinusoidal), or as the RoPE tables the blocks
-        rotate queries and keys by (None for the other encodings; ALiBi is in the mask)."""
+        with their positions added in (learned, sinusoidal), and for each kind of layer
+        ("global", "local") the RoPE tables its blocks rotate queries and keys by (None for the
+        other encodings; ALiBi is in the mask)."""
         x = self.embed_tokens(idx)  # (B, T, C)
-        rope = None
+        if self.config.embed_scale:
+            # sqrt(C) rounded to the embedding's dtype first, as Gemma's reference does.
+            x = x * torch.tensor(self.config.n_embd**0.5).to(x.dtype)
+        rope = dict.fromkeys(self.config.attention_kinds)
         pos_embedding = self.config.pos_embedding
         if pos_embedding == "learned":
             # Token identity plus position, (B, T, C) + (T or B, T, C).
@@ -232,55 +274,65 @@ class GPT(nn.Module):
             # entries are about 0.7 in size, does not drown them: (B, T, C) + (T or B, T, C).
             x = x * math.sqrt(self.config.n_embd) + self.sinusoid[pos].to(x.dtype)
         elif pos_embedding == "rope":
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D) or (B, T, D)
-            rope = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])  # (B, 1, T, D): every head
+            own = self._rope_kinds()
+            for kind in rope:
+                prefix = ROPE_PREFIX[kind if kind in own else "global"]
+                cos, sin = getattr(self, f"{prefix}_cos")[pos], getattr(self, f"{prefix}_sin")[pos]  # (T or B, T, D)
+                rope[kind] = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])  # (B, 1, T, D): every head
         return self.embed_dropout(x), rope
 
     def _attention_mask(
-        self, n_new: int, start: int, kv_cache: KVCache | None, real: torch.Tensor | None, device: torch.device
-    ) -> torch.Tensor | None:
-        """What each of the ``n_new`` tokens after ``start`` cached ones may attend to: None
-        where SDPA needs no mask, else a bool (T, S) or (B, 1, T, S) mask, or ALiBi's float
-        (H or B, H, T, S) bias. ``real`` (B, start + T) is False at padding."""
+        self, n_new: int, start: int, kv_cache: KVCache | None, real: torch.Tensor | None, device: torch.device,
+        window: int | None,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """What each of the ``n_new`` tokens after ``start`` cached ones may attend to in a
+        layer that sees the last ``window`` tokens (None: all): None where SDPA needs no mask,
+        else a bool (T, S) or (B, 1, T, S) mask, or ALiBi's float (H or B, H, T, S) bias.
+        ``real`` (B, start + T) is False at padding."""
         static = kv_cache is not None and kv_cache.static
-        if not self._needs_mask(n_new, start, static, real is not None):
+        if not self._needs_mask(n_new, start, static, real is not None, window):
             return None
         # A static cache's keys are all its max_len slots; those after the new tokens are
         # hidden by causality, so padding them with any value is the same.
         n_keys = kv_cache.max_len if static else start + n_new
         if static and real is not None:
             real = F.pad(real, (0, n_keys - start - n_new))  # (B, max_len)
-        mask = build_attention_mask(n_new, n_keys, self.config.sliding_window, device, real, first_query=start)
+        mask = build_attention_mask(n_new, n_keys, window, device, real, first_query=start)
         if self.config.pos_embedding == "alibi":
             mask = alibi_bias(self.alibi_slopes, mask, first_query=start)  # (H or B, H, T, S) float
         return mask
 
-    def _needs_mask(self, n_new: int, start: int, static: bool, padded: bool) -> bool:
+    def _needs_mask(self, n_new: int, start: int, static: bool, padded: bool, window: int | None) -> bool:
         """Whether attention needs an explicit mask. Without one SDPA uses its fast causal
         kernel (T tokens among themselves) or none at all (one new token after cached ones
         sees every key); padding, a sliding window, several new tokens after cached ones,
         ALiBi's bias or a static cache (whose unwritten slots must be hidden) each need one."""
         several_after_cached = start > 0 and n_new > 1
-        return (padded or self.config.sliding_window is not None or several_after_cached
+        return (padded or window is not None or several_after_cached
                 or self.config.pos_embedding == "alibi" or static)
 
     def blocks_and_head(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor] | None],
+        mask: dict[str, torch.Tensor | None],
         kv_cache: KVCache | None,
         last_only: bool,
     ) -> torch.Tensor:
         """The embedded tokens ``x`` (B, T, C) through every block, the final norm and the
-        head: logits (B, T, V), or (B, 1, V) with ``last_only``. Only tensors vary from one
-        decode step to the next here, which is what lets ``gptlab.inference.compiled_decode``
-        compile it once."""
+        head: logits (B, T, V), or (B, 1, V) with ``last_only``. ``rope`` and ``mask`` hold
+        one entry per kind of layer ("global", "local"); each block takes its kind's. Only
+        tensors vary from one decode step to the next here, which is what lets
+        ``gptlab.inference.compiled_decode`` compile it once."""
         for layer in self.layers:
-            x = layer(x, rope, mask, kv_cache)
+            x = layer(x, rope[layer.attn_kind], mask[layer.attn_kind], kv_cache)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap  # no logit beyond +-cap
+        return logits
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of distinct parameters (a tied head is counted once, as the embedding).

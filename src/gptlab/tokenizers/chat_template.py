@@ -194,7 +194,31 @@ BUILTIN_TEMPLATE = (
 )
 BUILTIN_STOPS = ("\nUser:", "\nSystem:")
 #: special tokens that end a turn in common chat formats, used when present in the vocabulary
-TURN_END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>")
+TURN_END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>", "<end_of_turn>")
+
+
+def turn_end_tokens(checkpoint) -> list[str]:
+    """The special tokens on which a loaded checkpoint's turn ends: its chat settings' eos_token
+    first, then those of ``TURN_END_TOKENS`` its vocabulary has. Generation stops on them and
+    exports list them (``generation_config.json``'s eos_token_id), so both agree."""
+    eos = checkpoint_chat_config(checkpoint).get("eos_token")
+    specials = checkpoint.tokenizer.special_tokens
+    return [name for name in dict.fromkeys((eos, *TURN_END_TOKENS)) if name in specials]
+
+
+def bos_id(checkpoint) -> int | None:
+    """The id put in front of every text the model reads (a ``gptlab sample`` prompt, a chat,
+    every window and record of ``gptlab eval``), or None: the chat settings' bos_token where they
+    say add_bos_token (Gemma, Llama 2). Such models were trained with it at position 0 and read
+    text without it badly; transformers and llama.cpp put it there too."""
+    config = checkpoint_chat_config(checkpoint)
+    return checkpoint.tokenizer.special_tokens.get(config.get("bos_token")) if config.get("add_bos_token") else None
+
+
+def with_bos(ids: list[int], bos: int | None) -> list[int]:
+    """``ids`` with ``bos`` (``bos_id``) in front, unless it is None or already there, as when a
+    chat template writes the bos_token itself: one BOS, never two."""
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
 
 
 def chat_format(checkpoint) -> tuple[str, dict[str, str]]:

@@ -10,7 +10,9 @@ the layer index. Transforms:
   (a ``transpose`` first for weights).
 
 Llama, Qwen2 and Mistral already use gptlab's names under a ``model.`` prefix, so their tables
-are nearly the identity; Qwen2 adds the q/k/v biases.
+are nearly the identity; Qwen2 adds the q/k/v biases, Gemma 3 (``gemma3_text``) its QK-norms and
+sandwich norms. Gemma's norm weights are stored zero-centred (the scale is 1 + weight) in both
+trees, so they too are plain copies.
 
 The same table runs both ways (import and export), and the tests check that it covers every
 key of a real ``transformers`` model in both directions.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,16 +117,16 @@ def _llama_config_in(c: dict[str, Any], family: str) -> dict[str, Any]:
         problems.append(f"hidden_act {c['hidden_act']!r} (only silu)")
     if c.get("attention_bias") or c.get("mlp_bias"):
         problems.append("attention_bias/mlp_bias (biases on every projection)")
-    head_dim = c.get("head_dim")
-    if head_dim is not None and head_dim * c["num_attention_heads"] != c["hidden_size"]:
-        problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads")
     partial = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         problems.append(f"partial_rotary_factor {partial} (RoPE on part of each head)")
     if problems:
         raise UserError(f"this {family} checkpoint uses options gptlab does not implement: {'; '.join(problems)}")
     window = c.get("sliding_window") if family == "mistral" or c.get("use_sliding_window") else None
-    return {**FAMILY_DEFAULTS[family], "arch": family, "vocab_size": c["vocab_size"],
+    head_dim = c.get("head_dim")
+    if head_dim == c["hidden_size"] // c["num_attention_heads"]:
+        head_dim = None  # the width gptlab derives anyway
+    return {**FAMILY_DEFAULTS[family], "arch": family, "vocab_size": c["vocab_size"], "head_dim": head_dim,
             "block_size": c.get("max_position_embeddings", 2048), "n_layer": c["num_hidden_layers"],
             "n_head": c["num_attention_heads"], "n_kv_head": c.get("num_key_value_heads") or c["num_attention_heads"],
             "n_embd": c["hidden_size"], "intermediate_size": c["intermediate_size"],
@@ -149,6 +151,103 @@ def _llama_config_out(cfg: ModelConfig, special: dict[str, int], family: str) ->
     return out
 
 
+# Gemma 3 (text only, Gemma3ForCausalLM): Llama's names plus the QK-norms and the two norms around the MLP.
+_GEMMA3_NAMES = _LLAMA_NAMES + ("layers.{i}.self_attn.q_norm.weight", "layers.{i}.self_attn.k_norm.weight",
+                                "layers.{i}.pre_feedforward_layernorm.weight",
+                                "layers.{i}.post_feedforward_layernorm.weight")
+GEMMA3_RULES = tuple(Rule("model." + n, (n,)) for n in _GEMMA3_NAMES) + (Rule("lm_head.weight", ("lm_head.weight",)),)
+# HF's layer types and gptlab's layer_pattern letters.
+_GEMMA3_LAYER_TYPES = {"sliding_attention": "L", "full_attention": "G"}
+
+
+def _gemma3_layer_pattern(c: dict[str, Any]) -> str:
+    """HF's ``layer_types`` (or the older ``sliding_window_pattern`` N: every Nth layer global) as
+    a layer_pattern, cut to its shortest period: "LLLLLG" for Gemma 3's five local per global."""
+    n = c["num_hidden_layers"]
+    types = c.get("layer_types")
+    if types is None:
+        every = c.get("sliding_window_pattern", 6)
+        types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
+    unknown = sorted(set(types) - set(_GEMMA3_LAYER_TYPES))
+    if unknown or len(types) != n:
+        what = f"layer types {', '.join(map(str, unknown))}" if unknown else f"{len(types)} layer_types for {n} layers"
+        raise UserError(f"this gemma3_text checkpoint has {what}; gptlab reads sliding_attention and full_attention, "
+                        "one per layer")
+    pattern = "".join(_GEMMA3_LAYER_TYPES[t] for t in types)
+    return next(pattern[:p] for p in range(1, n + 1) if (pattern[:p] * n)[:n] == pattern)
+
+
+def _gemma3_rope_in(c: dict[str, Any]) -> dict[str, Any]:
+    """Global and local RoPE from transformers 5's ``rope_parameters`` keyed by layer type, or from
+    the older flat ``rope_theta``, ``rope_scaling`` (global layers) and ``rope_local_base_freq``."""
+    params = c.get("rope_parameters") or {}
+    full, sliding = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    if sliding.get("rope_type", "default") != "default":
+        raise UserError(f"this gemma3_text checkpoint scales the RoPE of its local layers ({sliding['rope_type']}); "
+                        "gptlab scales only the global layers' RoPE, as Gemma 3 does")
+    global_rope = _rope_in({"rope_parameters": full, "rope_theta": c.get("rope_theta") or 1_000_000.0,
+                            "rope_scaling": c.get("rope_scaling")})
+    local_theta = sliding.get("rope_theta") or c.get("rope_local_base_freq") or 10_000.0
+    return {**global_rope, "rope_local_theta": float(local_theta)}
+
+
+def _gemma3_config_in(c: dict[str, Any]) -> dict[str, Any]:
+    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+    problems = [f"hidden_activation {act!r} (only gelu_pytorch_tanh)"] if act != "gelu_pytorch_tanh" else []
+    if c.get("attention_bias"):
+        problems.append("attention_bias (biases on q, k, v and o)")
+    if c.get("use_bidirectional_attention"):
+        problems.append("use_bidirectional_attention (an encoder: gptlab's attention is causal)")
+    if problems:
+        raise UserError(f"this gemma3_text checkpoint uses options gptlab does not implement: {'; '.join(problems)}")
+    return {**FAMILY_DEFAULTS["gemma3"], "vocab_size": c["vocab_size"],
+            "block_size": c.get("max_position_embeddings", 131_072), "n_layer": c["num_hidden_layers"],
+            "n_head": c["num_attention_heads"], "n_kv_head": c.get("num_key_value_heads") or c["num_attention_heads"],
+            "n_embd": c["hidden_size"], "head_dim": c.get("head_dim", 256), "intermediate_size": c["intermediate_size"],
+            "norm_eps": c.get("rms_norm_eps", 1e-6), "tie_embeddings": c.get("tie_word_embeddings", True),
+            "sliding_window": c.get("sliding_window", 4096), "layer_pattern": _gemma3_layer_pattern(c),
+            "query_pre_attn_scalar": c.get("query_pre_attn_scalar", 256),
+            # attn_logit_softcapping is left out: transformers' Gemma 3 keeps it in its config but
+            # never applies it (Gemma 2 did), and the weights were made without it.
+            "final_logit_softcapping": c.get("final_logit_softcapping"), **_gemma3_rope_in(c)}
+
+
+def _gemma3_config_out(cfg: ModelConfig, special: dict[str, int]) -> dict[str, Any]:
+    local_theta = cfg.rope_local_theta or cfg.rope_theta
+    full = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    eos = special.get("<eos>", next(iter(special.values()), None))
+    return {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
+            "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "layer_types": [{"local": "sliding_attention", "global": "full_attention"}[cfg.layer_kind(i)]
+                            for i in range(cfg.n_layer)],
+            # transformers builds a sliding mask even when no layer uses it, so it needs some window.
+            "sliding_window": cfg.sliding_window or cfg.block_size,
+            "rope_parameters": {"full_attention": full,
+                                "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+            "rope_theta": cfg.rope_theta, "rope_local_base_freq": local_theta, "rope_scaling": cfg.rope_scaling,
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar or cfg.head_dim,
+            "attn_logit_softcapping": None, "final_logit_softcapping": cfg.final_logit_softcapping,
+            "attention_bias": False,
+            "use_bidirectional_attention": False, "bos_token_id": special.get("<bos>", eos), "eos_token_id": eos,
+            "pad_token_id": special.get("<pad>"), "torch_dtype": "float32"}
+
+
+# The options each family's transformers class computes, as ModelConfig values: a model whose
+# options differ would load in transformers as a different model, so export refuses it.
+_NO_GEMMA = {"learned_qk_norm": False, "sandwich_norm": False, "embed_scale": False, "query_pre_attn_scalar": None,
+             "attn_logit_softcapping": None, "final_logit_softcapping": None}
+_GPT2_COMPUTES = {"mlp": "gelu", "qk_norm": False, "pos_embedding": "learned", "norm": "layernorm", **_NO_GEMMA}
+_LLAMA_COMPUTES = {"mlp": "swiglu", "qk_norm": False, "pos_embedding": "rope", "norm": "rmsnorm", "bias": False,
+                   "layer_pattern": None, "rope_local_theta": None, **_NO_GEMMA}
+_GEMMA3_COMPUTES = {"mlp": "geglu", "qk_norm": False, "pos_embedding": "rope", "norm": "rmsnorm_offset",
+                    "bias": False, "qkv_has_bias": False, "learned_qk_norm": True, "sandwich_norm": True,
+                    "embed_scale": True, "attn_logit_softcapping": None}
+
+
 @dataclass(frozen=True)
 class Family:
     rules: tuple[Rule, ...]
@@ -156,14 +255,35 @@ class Family:
     config_out: Any  # (ModelConfig, special tokens) -> HF config.json dict
     #: HF buffers that are not weights (older GPT-2 files carry the causal mask)
     ignore_suffixes: tuple[str, ...] = ()
+    #: ModelConfig option -> the value this family's transformers class computes
+    computes: dict[str, Any] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family(GPT2_RULES, _gpt2_config_in, _gpt2_config_out, (".attn.bias", ".attn.masked_bias")),
+    "gpt2": Family(GPT2_RULES, _gpt2_config_in, _gpt2_config_out, (".attn.bias", ".attn.masked_bias"),
+                   _GPT2_COMPUTES),
     **{name: Family(rules, functools.partial(_llama_config_in, family=name),
-                    functools.partial(_llama_config_out, family=name), (".rotary_emb.inv_freq",))
+                    functools.partial(_llama_config_out, family=name), (".rotary_emb.inv_freq",),
+                    {**_LLAMA_COMPUTES, **({} if name == "qwen2" else {"qkv_has_bias": False})})
        for name, rules in (("llama", LLAMA_RULES), ("qwen2", QWEN2_RULES), ("mistral", LLAMA_RULES))},
+    "gemma3_text": Family(GEMMA3_RULES, _gemma3_config_in, _gemma3_config_out, (".rotary_emb.inv_freq",),
+                          _GEMMA3_COMPUTES),
 }
+#: gptlab family names (ModelConfig.arch) whose Hugging Face model_type differs
+HF_FAMILY_OF_ARCH = {"gemma3": "gemma3_text"}
+
+
+def export_problems(cfg: ModelConfig, family: str) -> list[str]:
+    """What in ``cfg`` the ``family`` format of transformers would compute otherwise, one phrase each."""
+    problems = [f"{name}={getattr(cfg, name)!r} ({family} computes {value!r})"
+                for name, value in FAMILIES[family].computes.items() if getattr(cfg, name) != value]
+    if family == "gpt2" and cfg.head_dim * cfg.n_head != cfg.n_embd:
+        problems.append(f"head_dim={cfg.head_dim} (gpt2's heads are n_embd // n_head wide)")
+    local = "local" in cfg.attention_kinds
+    if family == "gemma3_text" and local and cfg.rope_scaling is not None and cfg.rope_local_theta is None:
+        problems.append("rope_scaling on local layers (gemma3_text scales only the global layers' RoPE; set "
+                        "rope_local_theta)")
+    return problems
 
 
 # --- the table, applied -----------------------------------------------------------------------
@@ -262,17 +382,11 @@ def read_config_json(path: Path) -> dict[str, Any]:
 
 
 def read_tokenizer(path: Path, vocab_size: int):
-    """The directory's tokenizer.json, checked to fit a model of ``vocab_size`` ids."""
-    from gptlab.tokenizers import load_tokenizer_file
+    """The directory's tokenizer.json, checked to fit a model of ``vocab_size`` ids; a
+    ``MissingTokenizer`` for a directory of weights only (it says how to add one when text is needed)."""
+    from gptlab.weights.checkpoint import check_tokenizer_fits, load_tokenizer
 
-    tok_file = path / "tokenizer.json"
-    if not tok_file.is_file():
-        raise UserError(f"{path} has no tokenizer.json; gptlab needs the model's tokenizer")
-    tokenizer = load_tokenizer_file(tok_file)
-    if tokenizer.vocab_size > vocab_size:
-        raise UserError(f"{tok_file} has {tokenizer.vocab_size} tokens but the model only {vocab_size}; "
-                        "they do not belong together")
-    return tokenizer
+    return check_tokenizer_fits(load_tokenizer(path, vocab_size), vocab_size, path / "tokenizer.json")
 
 
 def read_hf_config(path: Path) -> tuple[str, ModelConfig]:
@@ -305,10 +419,11 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_hf(path: str | Path, dtype: str = "fp32"):
-    """Load a Hugging Face model directory as a gptlab ``Checkpoint`` (in memory)."""
+def import_hf(path: str | Path, dtype: str = "fp32", tokenizer=None):
+    """Load a Hugging Face model directory as a gptlab ``Checkpoint`` (in memory), with its own
+    tokenizer.json or, when given, ``tokenizer`` (checked to fit the model)."""
     from gptlab.model.transformer import GPT
-    from gptlab.weights.checkpoint import Checkpoint
+    from gptlab.weights.checkpoint import Checkpoint, check_tokenizer_fits
 
     path = Path(path)
     family, cfg = read_hf_config(path)
@@ -316,14 +431,21 @@ def import_hf(path: str | Path, dtype: str = "fp32"):
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = hf_to_ours(read_hf_weights(path), family, cfg, expected)
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    return Checkpoint(path, model.to(DTYPES[dtype]), cfg, read_tokenizer(path, cfg.vocab_size))
+    tokenizer = (read_tokenizer(path, cfg.vocab_size) if tokenizer is None
+                 else check_tokenizer_fits(tokenizer, cfg.vocab_size, "the tokenizer given"))
+    return Checkpoint(path, model.to(DTYPES[dtype]), cfg, tokenizer)
 
 
 def save_imported(ckpt, out: str | Path, source: Path) -> None:
     """Write an imported model as a gptlab checkpoint directory, keeping its side files (written
-    with the rest, so an interrupted import never leaves a checkpoint without its chat template)."""
-    from gptlab.weights.checkpoint import save_checkpoint
+    with the rest, so an interrupted import never leaves a checkpoint without its chat template).
+    Weights without a tokenizer are saved with a one-line warning."""
+    from gptlab.device import warn
+    from gptlab.weights.checkpoint import MissingTokenizer, save_checkpoint
 
+    if isinstance(ckpt.tokenizer, MissingTokenizer):
+        warn(f"{source} has no tokenizer.json, so only its weights are imported: they run, export and evaluate on "
+             f"ids; to read or write text, import it with --tokenizer TOKENIZER (a tokenizer.json, gpt2 or a model)")
     side = {name: (source / name).read_bytes() for name in SIDE_FILES if (source / name).is_file()}
     save_checkpoint(out, ckpt.model, ckpt.tokenizer, extra_json=side)
 
@@ -331,37 +453,34 @@ def save_imported(ckpt, out: str | Path, source: Path) -> None:
 def export_hf(ckpt, out: str | Path, family: str = "gpt2") -> None:
     """Write a checkpoint as a Hugging Face directory that ``transformers`` loads."""
     from gptlab.tokenizers import to_hf_json
+    from gptlab.weights.checkpoint import MissingTokenizer, export_chat_files
 
+    family = HF_FAMILY_OF_ARCH.get(family, family)
     if family not in FAMILIES:
         raise UserError(f"cannot export as {family!r}; supported: {', '.join(FAMILIES)}")
     cfg = ckpt.config
-    family_mlp = "gelu" if family == "gpt2" else "swiglu"
-    unsupported = []
-    if cfg.mlp != family_mlp:
-        unsupported.append(f"mlp={cfg.mlp!r} ({family} computes {family_mlp})")
-    if cfg.qk_norm:
-        unsupported.append("qk_norm")
-    family_pos = "learned" if family == "gpt2" else "rope"
-    if cfg.pos_embedding != family_pos:
-        unsupported.append(f"pos_embedding={cfg.pos_embedding!r} ({family} uses {family_pos})")
+    unsupported = export_problems(cfg, family)
     if unsupported:
         raise UserError(f"the model uses {', '.join(unsupported)}, which the {family} format of transformers does not "
                         "compute, so an export would load as a different model; export models of a supported family")
     state = {k: v.detach() for k, v in ckpt.model.state_dict().items()}
     hf = ours_to_hf(state, family, ckpt.config)
+    # The chat template and turn-end ids travel along (export_chat_files); a Hugging Face directory
+    # exported as it is keeps its own side files byte for byte, and weights without a tokenizer
+    # get none of them.
+    has_tokenizer = not isinstance(ckpt.tokenizer, MissingTokenizer)
+    chat = export_chat_files(ckpt) if has_tokenizer else {}
+    source = Path(ckpt.path)
     with atomic_dir(out) as tmp:
         save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", FAMILIES[family].config_out(ckpt.config, ckpt.tokenizer.special_tokens))
-        write_json(tmp / "tokenizer.json", to_hf_json(ckpt.tokenizer))
+        if has_tokenizer:
+            write_json(tmp / "tokenizer.json", to_hf_json(ckpt.tokenizer))
         for name in SIDE_FILES:
-            src = Path(ckpt.path) / name
-            if src.is_file():
-                (tmp / name).write_bytes(src.read_bytes())
-        if not (tmp / "tokenizer_config.json").exists():
-            eos = next(iter(ckpt.tokenizer.special_tokens), None)
-            write_json(tmp / "tokenizer_config.json",
-                       {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.config.block_size,
-                        **({"eos_token": eos, "bos_token": eos} if eos else {})})
+            if (source / name).is_file() and (name not in chat or is_hf_dir(source)):
+                (tmp / name).write_bytes((source / name).read_bytes())
+            elif name in chat:
+                write_json(tmp / name, chat[name])
 
 
 def download_hf(spec: str) -> Path:

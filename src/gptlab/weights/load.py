@@ -4,25 +4,29 @@ model such as ``smollm2-135m-instruct``. Every command that takes a MODEL comes 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from gptlab.cache import recover_dir
+from gptlab.errors import UserError
 from gptlab.model.lora import merge_lora
-from gptlab.tokenizers import load_tokenizer_file
+from gptlab.tokenizers import Tokenizer, build_tokenizer
 from gptlab.weights import build_checked
 from gptlab.weights.adapter import ADAPTER_CONFIG, apply_adapter, load_adapter
 from gptlab.weights.checkpoint import (
-    TOKENIZER,
     WEIGHTS,
     Checkpoint,
+    MissingTokenizer,
     _read_weights,
+    check_tokenizer_fits,
     load_model_config,
+    load_tokenizer,
     resolve_checkpoint,
 )
-from gptlab.weights.gguf import import_gguf
-from gptlab.weights.hf import download_hf, import_hf, is_hf_dir
+from gptlab.weights.gguf import import_gguf, read_gguf, tokenizer_from_metadata
+from gptlab.weights.hf import DTYPES, download_hf, import_hf, is_hf_dir
 from gptlab.weights.named import NAMED_MODELS, resolve_named
 
 
@@ -59,8 +63,33 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer
     # Checked before it is built: a config.json that declares a huge model allocates nothing.
     model = build_checked(config, state, f"{ckpt_dir / WEIGHTS} (with its config.json)")
     model.load_state_dict(state)
-    tokenizer = load_tokenizer_file(ckpt_dir / TOKENIZER)
-    return Checkpoint(ckpt_dir, model.to(device), config, tokenizer)
+    return Checkpoint(ckpt_dir, model.to(device), config, load_tokenizer(ckpt_dir, config.vocab_size))
+
+
+def with_tokenizer(ckpt: Checkpoint, tokenizer: Tokenizer, dtype: str = "fp32") -> Checkpoint:
+    """``ckpt`` with ``tokenizer`` (checked to fit its model) in place of its own, weights cast to ``dtype``."""
+    check_tokenizer_fits(tokenizer, ckpt.config.vocab_size, "the tokenizer given")
+    return dataclasses.replace(ckpt, model=ckpt.model.to(DTYPES[dtype]), tokenizer=tokenizer)
+
+
+def load_tokenizer_spec(spec: str) -> Tokenizer:
+    """The tokenizer ``--tokenizer SPEC`` of ``gptlab import`` names: ``gpt2`` (or ``gpt2:FOLDER``), a
+    tokenizer .json file (Hugging Face's or gptlab's), or any MODEL (a checkpoint or run directory, a
+    Hugging Face directory, a .gguf file, a named model), whose tokenizer is read without its weights."""
+    if spec == "gpt2" or spec.startswith("gpt2:") or (Path(spec).is_file() and Path(spec).suffix == ".json"):
+        return build_tokenizer(spec)
+    path = resolve_model_source(spec)
+    if path.suffix == ".gguf":
+        tokenizer: Tokenizer = tokenizer_from_metadata(read_gguf(path)[1], path)[0]
+    elif path.is_dir():
+        tokenizer = load_tokenizer(path if is_hf_dir(path) else resolve_checkpoint(path), 0)
+    else:
+        what = "is neither gpt2, a tokenizer .json file nor a model" if path.exists() else "does not exist"
+        raise UserError(f"--tokenizer {spec!r} {what}; give a tokenizer .json file, gpt2 or a model that has one")
+    if isinstance(tokenizer, MissingTokenizer):
+        raise UserError(f"--tokenizer {spec!r}: {path} has no tokenizer either; name a tokenizer.json, gpt2 or a model "
+                        "that has one")
+    return tokenizer
 
 
 def find_adapter(path: Path, prefer: str = "best") -> Path | None:
