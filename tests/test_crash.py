@@ -55,10 +55,14 @@ from gptlab.weights.load import load_checkpoint
 EVERY = 4  # steps between evaluations, each followed by a checkpoint
 STEPS = 64
 TEXT_FILE = "c.txt"
+SHARDED = "sharded"  # TEXT_FILE prepared into shards of SHARD_TOKENS ids: 4 for training, 1 for validation
+SHARD_TOKENS = 2000
 TRAIN = ["train", "--preset", "tiny", "--corpus", TEXT_FILE, "--max-steps", str(STEPS), "--eval-interval", str(EVERY),
          "--eval-batches", "12", "--log-interval", "1", "--dropout", "0.1", "--sample-tokens", "8", "--device", "cpu",
          "--no-progress"]
-KILLS = 10
+#: the same run reading the sharded dataset
+TRAIN_SHARDED = [SHARDED if a == TEXT_FILE else "--data" if a == "--corpus" else a for a in TRAIN]
+KILLS = {"file": 10, "shards": 4}
 PHASES = ("step", "evaluation", "best/ write", "last/ write")
 
 
@@ -259,6 +263,17 @@ def reference(workdir) -> Path:
     return workdir / "reference"
 
 
+@pytest.fixture(scope="module")
+def reference_sharded(workdir) -> Path:
+    """The uninterrupted run on the corpus prepared into several shards."""
+    prepare_argv = ["prepare", "--corpus", TEXT_FILE, "--tokenizer", "char", "--out", SHARDED,
+                    "--shard-tokens", str(SHARD_TOKENS)]
+    assert launch(workdir, *prepare_argv).finish() == 0
+    assert len(load_prepared(workdir / SHARDED).meta["shards"]["train"]) == 4
+    assert launch(workdir, *TRAIN_SHARDED, "--out", "reference-sharded").finish() == 0
+    return workdir / "reference-sharded"
+
+
 # Forked processes for the default run; new interpreters (``python -m gptlab`` as a user runs it)
 # in the slow one, which also shows they end exactly where the forked reference does.
 LAUNCHERS = ["forked", pytest.param("fresh", marks=pytest.mark.slow)]
@@ -266,19 +281,24 @@ LAUNCHERS = ["forked", pytest.param("fresh", marks=pytest.mark.slow)]
 
 # --- kill -9 --------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dataset", ["file", "shards"])
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_sigkill_at_random_moments_resumes_from_the_last_checkpoint_to_identical_weights(workdir, reference,
-                                                                                        launcher):
+def test_sigkill_at_random_moments_resumes_from_the_last_checkpoint_to_identical_weights(workdir, request,
+                                                                                        launcher, dataset):
+    """``dataset``: the corpus file, prepared on the fly as one shard per split, or the same text
+    prepared into several shards, whose loader position is part of the train state too."""
     fresh = launcher == "fresh"
+    reference = request.getfixturevalue("reference" if dataset == "file" else "reference_sharded")
+    train_argv, kills = (TRAIN if dataset == "file" else TRAIN_SHARDED), KILLS[dataset]
     rng = random.Random(1)
-    targets = [PHASES[i % len(PHASES)] for i in range(KILLS)]
+    targets = [PHASES[i % len(PHASES)] for i in range(kills)]
     rng.shuffle(targets)
     # Spread over the run: kill number i comes in the first `target` phase after step afters[i].
     # The last kill comes after step STEPS - 6 * EVERY at the latest: a kill can land several evaluations
     # after its mark (a fast machine trains on while the test samples), and the run must not finish first.
-    afters = sorted(rng.sample(range(STEPS - 6 * EVERY), KILLS))
-    run_dir = workdir / f"killed-{launcher}"
-    argv = [*TRAIN, "--out", run_dir.name]
+    afters = sorted(rng.sample(range(STEPS - 6 * EVERY), kills))
+    run_dir = workdir / f"killed-{launcher}-{dataset}"
+    argv = [*train_argv, "--out", run_dir.name]
     landings = []
     for target, after in zip(targets, afters):
         before = len(rows(run_dir))
@@ -300,7 +320,7 @@ def test_sigkill_at_random_moments_resumes_from_the_last_checkpoint_to_identical
         landings.append((after, landed, resumed))
         # Before the first last/ there is nothing to resume: the run starts again, as a user would do.
         argv = (["train", "--resume", run_dir.name, "--no-progress"] if resumed
-                else [*TRAIN, "--out", run_dir.name, "--force"])
+                else [*train_argv, "--out", run_dir.name, "--force"])
     assert launch(workdir, *argv, fresh=fresh).finish() == 0
     assert resumable_step(run_dir) == STEPS
     assert_same_weights(run_dir / "last", reference / "last")
@@ -425,26 +445,32 @@ def test_interrupted_write_leaves_the_previous_version_or_nothing(tmp_path, monk
         with pytest.raises(UserError):
             writer.read(out)
     if cut == "a file write fails":
-        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]  # cleaned up
+        # Cleaned up; but prepare keeps its finished shards, and no unfinished one, for the next run to continue from.
+        kept = {".out.partial"} if name == "shards" else set()
+        assert {p.name for p in tmp_path.iterdir() if p.name.startswith(".out")} <= kept
+        assert not list(tmp_path.glob(".out.partial/*.part"))
     writer.write(tmp_path, 2)  # and the next write succeeds over whatever was left
     writer.read(out)
     assert snapshot(out) != before
 
 
-def test_sigkill_during_prepare_leaves_the_old_shards_or_the_new(workdir):
-    """``gptlab prepare`` killed while it writes its shards over an older version: the folder
-    holds the old version or the new one, whole."""
+def test_sigkill_during_prepare_leaves_the_old_shards_or_the_new_and_the_same_command_continues(workdir):
+    """``gptlab prepare`` killed while it encodes (in worker processes) or writes its shards over
+    an older version: the folder holds the old version or the new one, whole, and running the
+    same command again ends with exactly the shards of an uninterrupted run."""
     big = workdir / "big.txt"
-    big.write_text(TEXT * 400)  # 3.3 MB: its shards take a while to write and flush
+    big.write_text(TEXT * 400)  # 3.3 MB: its shards take a while to encode, write and flush
+    argv = ["prepare", "--tokenizer", "char", "--shard-tokens", "300000"]
     for corpus, out in ((TEXT_FILE, "old"), (big.name, "new")):
-        assert launch(workdir, "prepare", "--corpus", corpus, "--tokenizer", "char", "--out", out).finish() == 0
+        assert launch(workdir, *argv, "--corpus", corpus, "--out", out).finish() == 0
     versions = [snapshot(workdir / "old"), snapshot(workdir / "new")]
+    assert len(versions[1]) > 4  # several shards
+    shutil.rmtree(workdir / "data", ignore_errors=True)
+    shutil.copytree(workdir / "old", workdir / "data")
     seen = set()
-    for delay in (0.0, 0.02, 0.05):  # seconds into the write
-        shutil.rmtree(workdir / "data", ignore_errors=True)
-        shutil.copytree(workdir / "old", workdir / "data")
-        run = launch(workdir, "prepare", "--corpus", big.name, "--tokenizer", "char", "--out", "data", "--force")
-        while run.alive() and not (workdir / ".data.tmp").is_dir():
+    for delay in (0.0, 0.05, 0.2):  # seconds into the work; each run continues the one before
+        run = launch(workdir, *argv, "--corpus", big.name, "--out", "data", "--force")
+        while run.alive() and not (workdir / ".data.partial").is_dir():
             time.sleep(0.0005)
         time.sleep(delay)
         run.send(signal.SIGKILL)
@@ -452,4 +478,6 @@ def test_sigkill_during_prepare_leaves_the_old_shards_or_the_new(workdir):
         load_prepared(workdir / "data")
         assert snapshot(workdir / "data") in versions
         seen.add(versions.index(snapshot(workdir / "data")))
-    assert 0 in seen  # the kills landed inside the write, not only after it
+    assert 0 in seen  # the kills landed inside the work, not only after it
+    assert launch(workdir, *argv, "--corpus", big.name, "--out", "data", "--force").finish() == 0
+    assert snapshot(workdir / "data") == versions[1] and not (workdir / ".data.partial").exists()

@@ -8,6 +8,7 @@ in turn, as if it had never been installed, and every command is tried.
 from __future__ import annotations
 
 import argparse
+import importlib.abc
 import importlib.metadata
 import re
 import sys
@@ -17,7 +18,8 @@ import pytest
 from gptlab.cli import build_parser, main
 
 #: import name -> the extra of pyproject.toml that installs it
-OPTIONAL = {"sklearn": "viz", "huggingface_hub": "hf", "transformers": "hf"}
+OPTIONAL = {"sklearn": "viz", "huggingface_hub": "hf", "transformers": "hf", "pyarrow": "data", "zstandard": "data",
+            "datasets": "data"}
 #: what the README's install gives: the main path, the server included
 MAIN_PATH = ("torch", "numpy", "tiktoken", "tokenizers", "safetensors", "gguf", "fastapi", "uvicorn")
 
@@ -45,13 +47,26 @@ def commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> l
     return found
 
 
+class Hidden(importlib.abc.MetaPathFinder):
+    """An import finder that finds a package nowhere."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname: str, path, target=None):
+        if fullname == self.name or fullname.startswith(self.name + "."):
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+
+
 @pytest.fixture(params=sorted(OPTIONAL))
 def missing(request, monkeypatch) -> str:
     """One optional package made unimportable, with everything of it already imported forgotten."""
     name = request.param
     for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
         monkeypatch.delitem(sys.modules, loaded)
-    monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ModuleNotFoundError
+    # `import name` now raises ModuleNotFoundError, and name is absent from sys.modules, as when it was never
+    # installed (scikit-learn takes a None entry for pyarrow to be pyarrow)
+    monkeypatch.setattr(sys, "meta_path", [Hidden(name), *sys.meta_path])
     with pytest.raises(ImportError):
         __import__(name)
     return name
@@ -97,3 +112,19 @@ def test_a_command_that_needs_a_missing_package_names_its_extra(missing, engine,
             one_line_naming_the_extra(capsys, code, "hf")
         else:  # the package is there; offline, the download fails in one line of its own
             assert "Hugging Face Hub" in error_line(capsys, code)
+
+
+#: a corpus that needs each package of the data extra
+NEEDS_DATA_EXTRA = {"pyarrow": "c.parquet", "zstandard": "c.txt.zst", "datasets": "hf:org/corpus"}
+
+
+@pytest.mark.parametrize("missing", sorted(NEEDS_DATA_EXTRA), indirect=True)
+def test_a_corpus_that_needs_a_missing_package_names_the_data_extra(missing, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    corpus = NEEDS_DATA_EXTRA[missing]
+    if not corpus.startswith("hf:"):
+        (tmp_path / corpus).write_bytes(b"not read: the reader needs its package first")
+    for command in (["prepare", "--corpus", corpus, "--out", "data"],
+                    ["tokenizer", "train", "--corpus", corpus, "--out", "t.json"]):
+        one_line_naming_the_extra(capsys, main(command), "data")
+    assert not (tmp_path / "data").exists()

@@ -127,23 +127,35 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
 
 def _prepare(args: argparse.Namespace) -> None:
     from gptlab.data.prepare import prepare
+    from gptlab.data.shards import DEFAULT_SHARD_TOKENS
 
     prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction, force=args.force,
-            errors="replace" if args.replace_bad_bytes else "strict")
+            errors="replace" if args.replace_bad_bytes else "strict", workers=args.workers,
+            shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, text_column=args.text_column)
 
 
 def add_prepare(sub: argparse._SubParsersAction) -> None:
     from gptlab.tokenizers import SPEC_HELP
 
     p = sub.add_parser("prepare", help="encode a corpus into token shards",
-                       description="Encode a corpus into train.bin / val.bin token shards plus meta.json "
-                                   "and tokenizer.json. Re-running with the same inputs reuses the result.")
+                       description="Encode a corpus into token shards (train.bin and val.bin, or numbered shards "
+                                   "for a large corpus) plus meta.json and tokenizer.json, streaming the corpus "
+                                   "and encoding it in parallel. Re-running with the same inputs reuses the "
+                                   "result; after Ctrl-C or a crash it continues from the finished shards.")
     p.add_argument("--corpus", default="shakespeare-tiny",
-                   help="corpus name, file, folder, glob or URL (default: shakespeare-tiny)")
+                   help="corpus name, file (.txt, .md, .jsonl, .parquet; text and JSONL also .gz or .zst), folder, "
+                        "glob, URL or hf:DATASET[:CONFIG][:SPLIT] (default: shakespeare-tiny)")
     p.add_argument("--tokenizer", default="char", help=f"{SPEC_HELP} (default: char)")
     p.add_argument("--out", default=None, help="output directory (default: data/CORPUS-TOKENIZER)")
     p.add_argument("--val-fraction", type=fraction, default=0.1,
-                   help="fraction at the end of the text kept for validation (default: 0.1)")
+                   help="fraction of the documents at the end kept for validation, or of the text for a corpus "
+                        "of one document (default: 0.1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that encode, 1 to the number of cores (default: all the cores)")
+    p.add_argument("--shard-tokens", type=positive_int, default=None,
+                   help="token ids per shard file (default: 100,000,000)")
+    p.add_argument("--text-column", default="text",
+                   help="the field of JSONL, Parquet or hf: rows that holds the text (default: text)")
     p.add_argument("--replace-bad-bytes", action="store_true",
                    help="replace invalid UTF-8 in the corpus instead of stopping")
     p.add_argument("--force", action="store_true", help="replace --out if it holds other data")

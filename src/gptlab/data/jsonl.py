@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from gptlab.errors import UserError
@@ -17,7 +17,12 @@ def jsonl_records(text: str, name: str, example: str) -> Iterator[tuple[str, Any
     Lines end at "\\n" only, not at everything ``str.splitlines`` splits on: a JSON string may
     hold U+2028 and other characters that it treats as line ends.
     """
-    for n, line in enumerate(text.split("\n"), start=1):
+    return json_line_records(text.split("\n"), name, example)
+
+
+def json_line_records(lines: Iterable[str], name: str, example: str) -> Iterator[tuple[str, Any]]:
+    """``jsonl_records`` of lines already split (and read one at a time, from a file of any size)."""
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{name}:{n}"

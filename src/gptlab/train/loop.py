@@ -147,12 +147,13 @@ def pretrain_job(model: GPT, data: PreparedData, cfg: TrainConfig) -> Job:
     """Next-token prediction on random windows of a prepared corpus."""
     block = model.config.block_size
     tokenizer = data.tokenizer()
-    check_length(data.tokens("train"), block, "train")
-    check_length(data.tokens("val"), block, "val")
+    shards = {split: data.shards(split) for split in ("train", "val")}  # memmaps: nothing is read yet
+    check_length(shards["train"], block, "train")
+    check_length(shards["val"], block, "val")
 
     def eval_batches(split: str) -> Iterator[Batch]:
         # A fixed seed per split: the same windows at every evaluation.
-        batches = RandomBatches(data.tokens(split), block, cfg.batch_size, seed=cfg.seed + (1 if split == "val" else 2))
+        batches = RandomBatches(shards[split], block, cfg.batch_size, seed=cfg.seed + (1 if split == "val" else 2))
         return (batches.next() for _ in range(cfg.eval_batches))
 
     def save(path: Path, train_state: dict[str, Any] | None, weights=None, folders=None) -> None:
@@ -165,7 +166,7 @@ def pretrain_job(model: GPT, data: PreparedData, cfg: TrainConfig) -> Job:
     cfg_m = model.config
     shape = "a bigram table" if cfg_m.arch == "bigram" else f"{cfg_m.n_layer} layers, {cfg_m.n_embd} wide"
     global_batch = cfg.batch_size * distributed.world_size()  # every process draws it and keeps its share
-    return Job(model, RandomBatches(data.tokens("train"), block, global_batch, seed=cfg.seed), eval_batches, save,
+    return Job(model, RandomBatches(shards["train"], block, global_batch, seed=cfg.seed), eval_batches, save,
                description=f"training {model.num_parameters():,} parameters ({shape}) on "
                            f"{data.meta['train_tokens']:,} tokens, "
                            f"{global_batch * block * cfg.grad_accum:,} tokens/step",
