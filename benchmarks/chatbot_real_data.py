@@ -29,8 +29,10 @@ so an interrupted run goes on where it stopped; ``--force`` runs the chosen stag
 ``--budget-minutes`` is the from-scratch recipe's (tokenizer, data, pretraining and SFT: the
 issue's <= 60 minutes on a 2-core CPU); pretraining gets ``--pretrain-share`` of it, SFT
 ``--sft-share``. Each training run first takes a few steps to measure its step time (``calibrate``)
-and then gets the schedule that fits its time (``--max-steps``, with ``--max-time`` as the
-guard), so the learning rate decays fully. The chitchat validation replies' bits per byte are
+and then gets the schedule that fits its time (``--max-steps``; kept in ``OUT/NAME.plan.json``),
+so the learning rate decays fully. The planned steps are the budget: on a machine slowed by other
+work a run takes longer than planned but trains the same steps (``--max-time`` cuts only a run 3x
+slower than planned), and the table reports planned and actual times. The chitchat validation replies' bits per byte are
 measured after pretraining and after SFT (``chitchat-val.jsonl``). Commands run as subprocesses,
 exactly as a person would type them; their output is the log. ``--smoke`` shrinks every stage
 (its figures check the plumbing and mean nothing).
@@ -229,23 +231,48 @@ def calibrate(cmd: list[str], run_dir: Path, steps: int) -> tuple[float, float]:
     return per_step, max(0.0, wall - float(rows[-1]["elapsed_s"]))
 
 
-def train_until(cmd: list[str], out: Path, name: str, deadline: float, calibrate_steps: int,
-                evals: int, warmup: int) -> dict[str, Any]:
-    """Run ``cmd`` into OUT/name with the schedule that ends by ``deadline`` (perf_counter)."""
+#: the guard on a run's wall time, as a multiple of its planned time: the planned steps are the
+#: budget (what the calibrated step time buys), so a machine slowed by other work takes longer
+#: but trains the same steps; only a run this much slower than planned is cut
+GUARD_FACTOR = 3.0
+
+
+def plan_steps(cmd: list[str], out: Path, name: str, deadline: float, calibrate_steps: int) -> dict[str, Any]:
+    """The steps that fit before ``deadline`` at the step time measured by ``calibrate``; kept in
+    OUT/NAME.plan.json, so a stage run again (after an interruption) keeps the same schedule."""
+    plan_file = out / f"{name}.plan.json"
+    plan = load_json(plan_file)
+    if plan is not None:
+        return plan
     per_step, overhead = calibrate(cmd, out / "calibrate" / name, calibrate_steps)
     # A few percent for the evaluations inside the run and the final one after it; the steps
-    # a little fewer than fit, so the schedule ends (the learning rate decayed) before --max-time.
+    # a little fewer than fit, so the schedule ends (the learning rate decayed) in the budget.
     seconds = max(10.0, (deadline - time.perf_counter() - 1.2 * overhead) * 0.95)
-    steps = max(2, int(seconds / (1.08 * per_step)))
-    print(f"{name}: {per_step:.3f} s/step and {overhead:.0f} s outside the steps measured -> {steps:,} steps "
-          f"in at most {seconds:.0f} s", flush=True)
+    plan = {"seconds_per_step": per_step, "overhead_seconds": overhead, "planned_seconds": round(seconds),
+            "planned_steps": max(2, int(seconds / (1.08 * per_step)))}
+    atomic_write_text(plan_file, json.dumps(plan, indent=1))
+    return plan
+
+
+def train_until(cmd: list[str], out: Path, name: str, deadline: float, calibrate_steps: int,
+                evals: int, warmup: int) -> dict[str, Any]:
+    """Run ``cmd`` into OUT/name with the schedule that ends by ``deadline`` (perf_counter) at the
+    calibrated speed. A ``gptlab train`` run interrupted earlier (its last/ saved) is resumed."""
+    plan = plan_steps(cmd, out, name, deadline, calibrate_steps)
+    steps, seconds = plan["planned_steps"], plan["planned_seconds"]
+    print(f"{name}: {plan['seconds_per_step']:.3f} s/step and {plan['overhead_seconds']:.0f} s outside the steps "
+          f"measured -> {steps:,} steps, planned {seconds:.0f} s", flush=True)
     start = time.perf_counter()
-    run([*cmd, "--out", str(out / name), "--force", "--max-steps", str(steps), "--max-time", f"{seconds:.0f}",
-         "--eval-interval", str(max(1, steps // evals)), "--warmup-steps", str(min(warmup, steps // 10 + 1))])
+    guard = ["--max-time", f"{GUARD_FACTOR * seconds:.0f}"]
+    if cmd[1] == "train" and (out / name / "last" / "train_state.pt").exists():
+        run([*cmd[:2], "--resume", str(out / name), *guard, "--no-progress"])
+    else:
+        run([*cmd, "--out", str(out / name), "--force", "--max-steps", str(steps), *guard,
+             "--eval-interval", str(max(1, steps // evals)), "--warmup-steps", str(min(warmup, steps // 10 + 1))])
     last = read_metrics(out / name)[-1]
-    return {"seconds_per_step": per_step, "planned_steps": steps, "max_time": round(seconds),
-            "steps": int(last["step"]), "tokens": int(last["tokens"]), "train_seconds": float(last["elapsed_s"]),
-            "stage_seconds": round(time.perf_counter() - start), "val_loss": float(last["val_loss"] or "nan"),
+    return {**plan, "steps": int(last["step"]), "tokens": int(last["tokens"]),
+            "train_seconds": float(last["elapsed_s"]), "stage_seconds": round(time.perf_counter() - start),
+            "val_loss": float(last["val_loss"] or "nan"),
             "val_bits_per_byte": float(last.get("val_bits_per_byte") or "nan")}
 
 
@@ -397,11 +424,11 @@ def print_table(out: Path, plan: Plan) -> None:
     n = sum(1 for _ in open(out / "chitchat-eval.jsonl"))
     print(f"\n{n} held-out chitchat contexts (test split, <= {plan.context_messages} messages of context), "
           f"true reply against 4 others: hits@1 of 5 (chance 0.200)")
-    print(f"{'model':<34} {'params':>8} {'trained':>9} {'reply bits/byte':>15} {'hits@1':>7} {'eval':>7}")
+    print(f"{'model':<34} {'params':>8} {'planned':>9} {'reply bits/byte':>15} {'hits@1':>7} {'eval':>7}")
     for key, label, _, _ in eval_models(out, plan):
         report = load_json(out / "eval" / f"{key}.json")
         done = [stages[s] for s in trained[key]]
-        minutes = "-" if not done else "?" if None in done else f"{sum(s['train_seconds'] for s in done) / 60:.1f} min"
+        minutes = "-" if not done else "?" if None in done else f"{sum(s['planned_seconds'] for s in done) / 60:.1f} min"
         if report is None:
             print(f"{label:<34} {'(not evaluated)':>8}")
             continue
@@ -411,12 +438,14 @@ def print_table(out: Path, plan: Plan) -> None:
         s = stages[name]
         if s is not None:
             print(f"after {name}: chitchat validation reply bits/byte {s['chitchat_val']['reply_bits_per_byte']:.4f}; "
-                  f"{s['steps']:,} steps, {s['tokens']:,} tokens in {s['train_seconds'] / 60:.1f} min "
-                  f"({s['tokens'] / s['train_seconds']:,.0f} tok/s); stage {s['wall_seconds'] / 60:.1f} min"
+                  f"{s['steps']:,} of {s['planned_steps']:,} planned steps ({s['planned_seconds'] / 60:.1f} min at "
+                  f"{s['seconds_per_step']:.3f} s/step), {s['tokens']:,} tokens in {s['train_seconds'] / 60:.1f} min "
+                  f"here ({s['tokens'] / s['train_seconds']:,.0f} tok/s); stage {s['wall_seconds'] / 60:.1f} min"
                   + (f"; english validation {s['val_bits_per_byte']:.4f} bits/byte" if name == "pretrain" else ""))
     if stages["lora"] is not None:
         s = stages["lora"]
-        print(f"lora: {s['steps']:,} steps, {s['tokens']:,} tokens in {s['train_seconds'] / 60:.1f} min; "
+        print(f"lora: {s['steps']:,} of {s['planned_steps']:,} planned steps ({s['planned_seconds'] / 60:.1f} min), "
+              f"{s['tokens']:,} tokens in {s['train_seconds'] / 60:.1f} min here; "
               f"stage {s['wall_seconds'] / 60:.1f} min")
 
 

@@ -6,6 +6,9 @@ SMS Spam Collection: ham undersampled to the spam count, shuffled with a fixed s
 95.67% test accuracy. This script does the same with ``gptlab finetune classify``'s Python API:
 
     python benchmarks/sms_spam_recipe.py                            # sms-spam, the book's split
+    # (a): the model pretrained from scratch on `english` by benchmarks/chatbot_real_data.py:
+    python benchmarks/sms_spam_recipe.py --model runs/chatbot-real/pretrain --train-last-blocks 4 \
+        --out runs/recipe-sms-spam-scratch --max-steps 400 --lr 1e-3 --eval-interval 100
     # tweets, 3 classes, a seeded subsample (the run in RESULTS.md):
     python benchmarks/sms_spam_recipe.py --dataset tweet-sentiment --subsample 1600 200 600 --max-steps 200 --eval-interval 100
 
@@ -115,6 +118,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--subsample", type=int, nargs=3, default=(1200, 200, 600), metavar=("TRAIN", "VAL", "TEST"),
                    help="tweet-sentiment only: examples drawn from each split of the cache")
     p.add_argument("--seed", type=int, default=123, help="the split's seed (the book's random_state)")
+    p.add_argument("--model", default=BASE, help=f"the base model: any MODEL gptlab takes (default: {BASE})")
     p.add_argument("--train-last-blocks", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=130)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -144,17 +148,17 @@ def main() -> None:
                                        "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
                                        "device": "cpu", "dtype": args.dtype})
     start = time.perf_counter()
-    result = run_classify(BASE, out / "train.jsonl", out / "run", cfg, val_data=out / "validation.jsonl",
+    result = run_classify(args.model, out / "train.jsonl", out / "run", cfg, val_data=out / "validation.jsonl",
                           train_last_blocks=args.train_last_blocks, show_progress=False)
     train_seconds = time.perf_counter() - start
     figures = evaluate(result.checkpoint, out, batch_size=32)
-    summary = {"dataset": args.dataset, "model": BASE, "args": vars(args), "split": split_info,
+    summary = {"dataset": args.dataset, "model": args.model, "args": vars(args), "split": split_info,
                "steps": result.run.step, "finetune_seconds": round(train_seconds, 1),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                "figures": figures}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     accuracies = ", ".join(f"{s} {f['accuracy']:.2%}" for s, f in figures.items())
-    print(f"\n{args.dataset}, {BASE}, last {args.train_last_blocks} blocks, {result.run.step} steps: {accuracies}; "
+    print(f"\n{args.dataset}, {args.model}, last {args.train_last_blocks} blocks, {result.run.step} steps: {accuracies}; "
           f"majority class {split_info['majority_test_accuracy']:.2%} on test; fine-tuning {train_seconds:.0f} s "
           f"(with loading and the run's own evaluations), CPU {summary['cpu_capability']}, "
           f"{summary['threads']} threads")
