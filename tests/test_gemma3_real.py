@@ -121,3 +121,22 @@ def test_eval_reads_every_window_after_a_bos(gemma, moby_dick, capsys):
     print(f"bits per byte of the first window: {report['bits_per_byte']:.4f} after <bos>, "
           f"{without.bits_per_byte:.4f} without")
     assert without.bits_per_byte > 1.1 * report["bits_per_byte"]
+
+
+def test_exports_as_a_directory_transformers_loads(gemma, moby_dick, tmp_path):
+    """``gptlab export gemma3-270m --format hf``: its tokenizer.json (converted from the GGUF's
+    SentencePiece vocabulary) gives our ids in transformers, and its weights our logits."""
+    ours, _ = gemma
+    assert main(["export", "gemma3-270m", "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    text = moby_dick[20000:26000] + "\n\n  naïve café — 東京 😀 3.14159\t\ttabs    spaces\n"
+    ids = ours.tokenizer.encode(text)
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert tok.decode(ids) == text
+    x = torch.tensor([[bos_id(ours), *ids[:200]]])
+    with torch.no_grad():
+        diff = (ours.model(x)[0] - model(x).logits).abs().max().item()
+    assert diff <= 1e-4, diff

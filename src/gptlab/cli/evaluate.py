@@ -35,11 +35,13 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                       help='chat JSONL: {"messages": [{"role": ..., "content": ...}, ...]} per line; the last '
                            "assistant message is the reply to select")
     p.add_argument("--window", type=positive_int, metavar="N", default=None,
-                   help="--corpus: input tokens per window (default and most: the model's block size)")
+                   help="--corpus: input tokens per window (at most the model's block size; default: the block size, "
+                        "or fewer where a window's logits would pass 2 GiB: 2,048 for Gemma 3's vocabulary)")
     p.add_argument("--stride", type=positive_int, metavar="N", default=None,
                    help="--corpus: tokens between window starts; below --window, windows overlap and every token "
                         "after the first window keeps at least window-stride+1 tokens of context (default: the "
-                        "window, non-overlapping)")
+                        "window, non-overlapping; window-1 for a model that reads a BOS first, such as Gemma, "
+                        "whose windows each start with one)")
     p.add_argument("--k", type=positive_int, metavar="N", default=None,
                    help="--chat: candidates per conversation, the true reply included (default: 5)")
     p.add_argument("--seed", type=int, metavar="N", default=None,

@@ -6,8 +6,9 @@ as its own tokenizers, so ids are Hugging Face's by construction. The wrapped fi
 verbatim: a checkpoint's ``tokenizer.json`` is then a file both gptlab and ``transformers``
 read.
 
-``to_hf_json`` goes the other way for gptlab's own tokenizers (byte-level BPE and
-character level), so an exported from-scratch model loads with ``AutoTokenizer``.
+``to_hf_json`` goes the other way for gptlab's own tokenizers (byte-level BPE, character
+level, and SentencePiece vocabularies such as Gemma's read from a GGUF), so an exported model
+loads with ``AutoTokenizer``.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def to_hf_json(tokenizer: Tokenizer) -> dict[str, Any]:
 
     from gptlab.tokenizers.bpe import BPETokenizer, render_token
     from gptlab.tokenizers.char import CharTokenizer
+    from gptlab.tokenizers.sentencepiece import SentencePieceTokenizer
 
     if isinstance(tokenizer, HFTokenizer):
         return tokenizer.hf_json
@@ -148,6 +150,8 @@ def to_hf_json(tokenizer: Tokenizer) -> dict[str, Any]:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
         hf.decoder = decoders.ByteLevel()
+    elif isinstance(tokenizer, SentencePieceTokenizer):
+        return _sentencepiece_json(tokenizer)
     elif isinstance(tokenizer, CharTokenizer):
         hf = _HF(models.WordLevel(vocab={c: i for i, c in enumerate(tokenizer.chars)}, unk_token=None))
         hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -155,8 +159,57 @@ def to_hf_json(tokenizer: Tokenizer) -> dict[str, Any]:
     else:
         raise UserError(f"cannot convert a {type(tokenizer).__name__} to a Hugging Face tokenizer")
     d = json.loads(hf.to_str())
+    d["added_tokens"] = [_added_token(s, i, special=True)
+                         for s, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])]
+    return d
+
+
+def _added_token(content: str, token_id: int, special: bool, normalized: bool = False) -> dict[str, Any]:
+    return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": normalized, "special": special}
+
+
+def sentencepiece_merges(tokenizer) -> list[tuple[str, str]]:
+    """SentencePiece's scores as a list of merges, for a BPE that ranks merges instead: every
+    way of cutting a piece into two pieces, the pieces taken from the highest score down (ties
+    by id), so the pair that SentencePiece would join first has the lowest rank."""
+    scores = tokenizer.mergeable_scores
+    order = sorted(scores, key=lambda piece: (-scores[piece], tokenizer.piece_id(piece)))
+    return [(piece[:k], piece[k:]) for piece in order for k in range(1, len(piece))
+            if piece[:k] in scores and piece[k:] in scores]
+
+
+def _sentencepiece_json(tokenizer) -> dict[str, Any]:
+    """A SentencePiece BPE vocabulary as the ``tokenizers`` library writes Llama 2's and Gemma's:
+    spaces become "▁" (and one "▁" goes in front of the text with ``add_space_prefix``), the
+    text is one word for BPE, byte pieces spell what the pieces cannot; control pieces are
+    special added tokens, user-defined pieces ordinary added tokens found in the normalised text.
+    Like transformers' own conversion, it puts no "▁" in front of text that follows an added
+    token (gptlab does, as SentencePiece does)."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as _HF
+
+    from gptlab.tokenizers.sentencepiece import CONTROL, SPACE, UNKNOWN, USER_DEFINED
+
+    vocab: dict[str, int] = {}
+    for i, piece in enumerate(tokenizer.pieces):
+        vocab.setdefault(piece, i)
+    unk = tokenizer.pieces[tokenizer.unk_id] if tokenizer.unk_id is not None else None
+    hf = _HF(models.BPE(vocab=vocab, merges=sentencepiece_merges(tokenizer), unk_token=unk, fuse_unk=True,
+                        byte_fallback=tokenizer.byte_fallback))
+    steps = [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    # Spaces become "▁" in the normaliser, so user-defined pieces with a "▁" are found there.
+    hf.normalizer = normalizers.Sequence([*(steps if tokenizer.remove_extra_whitespaces else []),
+                                          normalizers.Replace(" ", SPACE)])
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, split=False,
+                                                prepend_scheme="first" if tokenizer.add_space_prefix else "never")
+    parts = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if tokenizer.add_space_prefix:
+        parts.append(decoders.Strip(" ", 1, 0))
+    hf.decoder = decoders.Sequence(parts)
+    d = json.loads(hf.to_str())
     d["added_tokens"] = [
-        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-         "special": True} for s, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
-    ]
+        _added_token(piece, i, special=kind in (CONTROL, UNKNOWN), normalized=kind == USER_DEFINED)
+        for i, (piece, kind) in enumerate(zip(tokenizer.pieces, tokenizer.types))
+        if kind in (CONTROL, UNKNOWN, USER_DEFINED)]
     return d

@@ -206,6 +206,15 @@ class SentencePieceTokenizer(Tokenizer):
         return len(self.pieces)
 
     @property
+    def mergeable_scores(self) -> Mapping[str, float]:
+        """The pieces that merging can form, and their scores."""
+        return self._scores
+
+    def piece_id(self, piece: str) -> int:
+        """The id of a piece that merging can form."""
+        return self._ids[piece]
+
+    @property
     def byte_fallback(self) -> bool:
         """Whether characters outside the vocabulary are spelled as byte pieces."""
         return self._byte_ids is not None
