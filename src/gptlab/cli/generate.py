@@ -44,7 +44,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def add_decoding_flags(p: argparse.ArgumentParser) -> None:
-    """--device, --dtype, --compile and --quantize: where and how the commands that generate run the model."""
+    """--device, --dtype, --compile, --quantize and --speculate: where and how the commands that generate run
+    the model."""
     from gptlab.device import DTYPE_CHOICES, DTYPE_HELP
 
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
@@ -57,6 +58,11 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                    help="store the block weights as int8: less weight memory for slightly higher perplexity, "
                         "not faster on CPUs without fast int8 kernels (measured in benchmarks/RESULTS.md, "
                         "'int8 weight-only quantisation')")
+    p.add_argument("--speculate", type=int, default=0, metavar="N",
+                   help="greedy answers (--greedy, temperature 0): draft up to N tokens a step by copying what "
+                        "followed the last words where they occurred before in the context, and keep those the "
+                        "model agrees with; the same tokens, faster when the answer quotes its context "
+                        "(default: 0, off)")
 
 
 # --- gptlab sample -------------------------------------------------------------------------
@@ -65,7 +71,8 @@ def _sample(args: argparse.Namespace) -> None:
     from gptlab.inference.run import run_sample
 
     run_sample(args.model, prompt=args.prompt, num_samples=args.num_samples, params=sampling_params(args),
-               device=args.device, dtype=args.dtype, compile=args.compile, quantize=args.quantize)
+               device=args.device, dtype=args.dtype, compile=args.compile, quantize=args.quantize,
+               speculate=args.speculate)
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +93,7 @@ def _chat(args: argparse.Namespace) -> None:
     from gptlab.inference.chat import run_chat
 
     run_chat(args.model, system=args.system, params=sampling_params(args), device=args.device, dtype=args.dtype,
-             compile=args.compile, quantize=args.quantize)
+             compile=args.compile, quantize=args.quantize, speculate=args.speculate)
 
 
 def add_chat_model_arg(p: argparse.ArgumentParser) -> None:
@@ -124,7 +131,7 @@ def _serve(args: argparse.Namespace) -> None:
     limits = Limits(**{name: getattr(args, name) for name in SERVE_LIMIT_FLAGS if getattr(args, name) is not None})
     run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, limits=limits,
                max_concurrency=args.max_concurrency, max_queue=args.max_queue, shutdown_grace=args.shutdown_grace,
-               dtype=args.dtype, compile=args.compile, quantize=args.quantize)
+               dtype=args.dtype, compile=args.compile, quantize=args.quantize, speculate=args.speculate)
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:

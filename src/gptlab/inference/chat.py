@@ -79,7 +79,7 @@ class ChatSession:
 
 def run_chat(model: str | None = None, system: str | None = None, params: SamplingParams | None = None,
              device: str = "auto", stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, compile: bool = False,
-             quantize: str | None = None, dtype: str = "auto") -> None:
+             quantize: str | None = None, dtype: str = "auto", speculate: int = 0) -> None:
     from gptlab.device import pick_device
     from gptlab.weights.load import load_checkpoint
 
@@ -88,7 +88,8 @@ def run_chat(model: str | None = None, system: str | None = None, params: Sampli
     dev = pick_device(device)
     name = model or DEFAULT_CHAT_MODEL
     print(f"loading {name} ...", file=sys.stderr)
-    engine = Engine(load_checkpoint(name, device=dev), dev, dtype=dtype, compile=compile, quantize=quantize)
+    engine = Engine(load_checkpoint(name, device=dev), dev, dtype=dtype, compile=compile, quantize=quantize,
+                    speculate=speculate)
     session = ChatSession(engine, params, system)
     interactive = stdin.isatty()
     print(f"chatting with {name}; /help for commands, /quit to leave", file=out)

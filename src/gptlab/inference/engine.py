@@ -30,6 +30,7 @@ from gptlab.errors import UserError
 from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.quantize import quantize_int8
 from gptlab.inference.sampling import check_sampling_args, generate
+from gptlab.inference.speculative import SpeculationStats, generate_speculative
 from gptlab.tokenizers.chat_template import (
     BUILTIN_STOPS,
     BUILTIN_TEMPLATE,
@@ -128,11 +129,18 @@ class Engine:
     tokens, decoding about 1.2x faster on a 2-core CPU, but the first answer waits for the
     compile (about 70 s, 6 s once inductor's on-disk cache has it), and so does the first at
     a new batch size. Both are off by default for that reason (benchmarks/RESULTS.md).
+    ``speculate=N`` drafts up to N tokens a step by prompt lookup (``gptlab.inference.speculative``)
+    for greedy answers to one prompt at a time: the same tokens, fewer forward passes when the
+    answer repeats its context; sampled answers and batches decode as usual.
     """
 
     def __init__(self, checkpoint, device: torch.device | str = "cpu", dtype: str | None = None,
-                 compile: bool = False, quantize: str | None = None):
+                 compile: bool = False, quantize: str | None = None, speculate: int = 0):
+        if speculate < 0:
+            raise UserError(f"speculate={speculate}: give the most draft tokens per step, 1 or more (0: off)")
         self.model = prepare_for_decoding(checkpoint.model.to(device), dtype, compile, quantize)
+        self.speculate = speculate
+        self.speculation = SpeculationStats()  # what the drafts bought, over every answer so far
         self.tokenizer = checkpoint.tokenizer
         self.device = torch.device(device)
         self.block_size = checkpoint.config.block_size
@@ -234,15 +242,24 @@ class Engine:
         if any(len(p) < width for p in prompts):
             real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=self.device)
         with torch.no_grad():
-            steps = generate(self.model, idx, params.max_new_tokens, temperature=params.temperature,
-                             top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, generator=generator,
-                             repetition_penalty=params.repetition_penalty, attention_mask=real)
+            if self._speculates(params, len(prompts)):
+                steps = generate_speculative(self.model, idx, params.max_new_tokens, self.speculate, self.speculation)
+            else:
+                steps = generate(self.model, idx, params.max_new_tokens, temperature=params.temperature,
+                                 top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, generator=generator,
+                                 repetition_penalty=params.repetition_penalty, attention_mask=real)
             for step in steps:
                 for answer, token in zip(answers, step.tolist()):
                     answer.add(token)
                 yield
                 if all(a.finish_reason for a in answers):
                     return
+
+
+    def _speculates(self, params: SamplingParams, n_prompts: int) -> bool:
+        """Whether this generation drafts: greedy, one prompt, no repetition penalty, a GPT."""
+        return (self.speculate > 0 and n_prompts == 1 and params.temperature == 0
+                and params.repetition_penalty in (None, 1.0) and hasattr(self.model, "new_kv_cache"))
 
 
 class _Answer:

@@ -21,12 +21,12 @@ def newest_run(root: Path = Path("runs")) -> Path:
 
 def run_sample(model_path: str | None, prompt: str = "\n", num_samples: int = 1, params: SamplingParams | None = None,
                device: str = "auto", dtype: str = "auto", compile: bool = False,
-               quantize: str | None = None) -> list[str]:
+               quantize: str | None = None, speculate: int = 0) -> list[str]:
     """Print ``num_samples`` continuations of ``prompt`` as they are generated; return them.
 
     The prompt is raw text, no chat template, and each sample runs to ``params.max_new_tokens``
-    (``ignore_eos``). ``dtype``, ``compile`` and ``quantize`` are the engine's (see
-    ``prepare_for_decoding``)."""
+    (``ignore_eos``). ``dtype``, ``compile``, ``quantize`` and ``speculate`` are the engine's (see
+    ``Engine``)."""
     from gptlab.device import pick_device
     from gptlab.weights.load import load_checkpoint
 
@@ -36,7 +36,8 @@ def run_sample(model_path: str | None, prompt: str = "\n", num_samples: int = 1,
         raise UserError("--prompt is empty; give some text to continue (the default is a newline)")
     path = Path(model_path) if model_path is not None else newest_run()
     dev = pick_device(device)
-    engine = Engine(load_checkpoint(path, device=dev), dev, dtype=dtype, compile=compile, quantize=quantize)
+    engine = Engine(load_checkpoint(path, device=dev), dev, dtype=dtype, compile=compile, quantize=quantize,
+                    speculate=speculate)
     prompt_ids = engine.encode_prompt(prompt)
     # One generator for every sample: with a seed, the samples differ from each other and the
     # whole output repeats exactly.

@@ -96,6 +96,15 @@ class KVCache:
         self.values[layer, :, :, self._length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def rewind(self, length: int) -> None:
+        """Keep only the first ``length`` tokens (speculative decoding drops the keys of draft
+        tokens the model rejected); the slots after them are written over next."""
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot rewind a cache of {self._length} tokens to {length}")
+        if self.position is not None:
+            self.position -= self._length - length
+        self._length = length
+
     def advance(self, n_tokens: int) -> None:
         """Count ``n_tokens`` new tokens as stored, once every layer has stored them."""
         self._length += n_tokens

@@ -92,7 +92,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                device: str = "auto", limits: Limits = Limits(), max_concurrency: int = 1, max_queue: int = 8,
                shutdown_grace: float = 5.0, dtype: str = "auto", compile: bool = False,
-               quantize: str | None = None) -> None:
+               quantize: str | None = None, speculate: int = 0) -> None:
     """Load ``model`` (default: the chat default, smollm2-135m-instruct) and serve it until
     SIGTERM or Ctrl-C, which end it gracefully (see ``create_app``) with exit status 0."""
     import uvicorn
@@ -110,7 +110,7 @@ def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, api
         name = model or DEFAULT_CHAT_MODEL
         dev = pick_device(device)
         engine = Engine(load_checkpoint(name, device=dev), device=dev, dtype=dtype, compile=compile,
-                        quantize=quantize)
+                        quantize=quantize, speculate=speculate)
         app = create_app(engine, Path(name).name or name, api_key=api_key, max_concurrency=max_concurrency,
                          max_queue=max_queue, limits=limits, shutdown_grace=shutdown_grace)
         if api_key is None and not _is_loopback(host):
