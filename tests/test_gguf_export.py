@@ -340,6 +340,21 @@ def test_transformers_reads_the_gemma3_export_with_equal_logits_and_ids(tmp_path
     assert ref_tok(text, add_special_tokens=False).input_ids == sp.encode(text, allowed_special="all")
 
 
+def test_an_imported_gemma3_gguf_exports_as_a_folder_transformers_loads(tmp_path, sp):
+    """The path of ``gptlab export gemma3-270m --format hf``: GGUF import fills in the options
+    llama.cpp fixes (query_pre_attn_scalar among them), and the folder written from it must pass
+    transformers' type-checked config and give our logits."""
+    ckpt = gemma_checkpoint(tmp_path, "gemma3", sp)
+    export_gguf(ckpt, tmp_path / "m.gguf")
+    assert main(["export", str(tmp_path / "m.gguf"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["query_pre_attn_scalar"] == 256 and isinstance(config["query_pre_attn_scalar"], int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    assert max_logit_diff(import_gguf(tmp_path / "m.gguf").model, ref.float().eval(), sp.vocab_size, 48) <= 1e-5
+
+
 def test_a_hugging_face_folder_with_only_a_tokenizer_model_keeps_it(tmp_path, sp, sp_model):
     """Gemma's and Llama 2's own layout: a SentencePiece tokenizer.model and no tokenizer.json."""
     from gptlab.weights.checkpoint import MissingTokenizer

@@ -229,11 +229,17 @@ def _gemma3_config_out(cfg: ModelConfig, special: dict[str, int]) -> dict[str, A
             "rope_parameters": {"full_attention": full,
                                 "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
             "rope_theta": cfg.rope_theta, "rope_local_base_freq": local_theta, "rope_scaling": cfg.rope_scaling,
-            "query_pre_attn_scalar": cfg.query_pre_attn_scalar or cfg.head_dim,
+            # transformers type-checks this field as an int (Gemma's values are whole numbers).
+            "query_pre_attn_scalar": _whole(cfg.query_pre_attn_scalar or cfg.head_dim),
             "attn_logit_softcapping": None, "final_logit_softcapping": cfg.final_logit_softcapping,
             "attention_bias": False,
             "use_bidirectional_attention": False, "bos_token_id": special.get("<bos>", eos), "eos_token_id": eos,
             "pad_token_id": special.get("<pad>"), "torch_dtype": "float32"}
+
+
+def _whole(x: float) -> int | float:
+    """A whole number as an int (JSON ``256``, not ``256.0``), anything else unchanged."""
+    return int(x) if float(x).is_integer() else x
 
 
 # The options each family's transformers class computes, as ModelConfig values: a model whose
