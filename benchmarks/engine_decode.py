@@ -1,23 +1,32 @@
-"""Generation speed: gptlab's KV-cached engine, eager and compiled, against transformers' generate.
+"""Decoding speed of every engine in turns: gptlab (fp32, int8, compiled), transformers and llama.cpp.
 
-    python benchmarks/engine_decode.py                       # all three engines
+    python benchmarks/engine_decode.py                                # gptlab, int8, transformers, llama.cpp
     python benchmarks/engine_decode.py --engines gptlab,compiled --compile-mode max-autotune-no-cudagraphs
-    python benchmarks/engine_decode.py --engines gptlab,compiled --quantize int8
+    pip install llama-cpp-python==0.3.36                              # llama.cpp: ~5 minutes of compiling
 
-SmolLM2-135M-Instruct, fp32, greedy. Batch 1, a 64-token prompt, 128 new tokens (EOS ignored):
-time to first token (prefill plus one step) and decode tokens/s over the remaining 127. The
-engines take turns, run by run, so that load from other work on a shared machine falls on all
-alike; the figures are medians of --repeat runs, and each ratio (against eager gptlab) is the
-median of the per-round ratios. Then the tokens/s of a batch of 8 prompts of the same length,
-also in turns.
+SmolLM2-135M-Instruct, greedy. Batch 1, a 64-token prompt, 128 new tokens (EOS ignored): time to
+first token (prefill plus one step) and decode tokens/s over the remaining 127. The engines take
+turns, run by run, so that load from other work on a shared machine falls on all alike; the
+figures are medians of --repeat runs, and each ratio is the median of the per-round ratios.
+Then the tokens/s of a batch of 8 prompts of the same length, also in turns (llama.cpp's Python
+bindings decode one sequence, so it is left out there).
 
-- gptlab: the eager engine, a KV cache that grows with the text.
-- compiled: ``compile_decode`` (torch.compile of the one-token step over a static KV
-  cache). Its compile time is reported on its own: the first generation at each batch size
-  (compiling) minus a later one of the same length.
-- With --quantize int8 both gptlab engines run ``quantize_int8``'s int8 weights.
-- transformers: built from gptlab's own Hugging Face export of the same checkpoint, so every
-  engine runs identical fp32 weights.
+- gptlab: the eager engine in fp32, a KV cache that grows with the text.
+- int8: the same with ``--quantize int8`` (``quantize_int8``: every Linear, the head included,
+  computed in int8 by fbgemm).
+- bf16: the same with ``--dtype bf16`` (weights stored in bf16; fast where the CPU has AVX-512
+  BF16 or AMX, emulated and slow elsewhere). Not in the default list.
+- compiled: ``compile_decode`` (torch.compile of the one-token step over a static KV cache), fp32.
+  Its compile time is reported on its own: the first generation at each batch size (compiling)
+  minus a later one of the same length. Not in the default list (it takes minutes to compile).
+- transformers: built from gptlab's own Hugging Face export of the same checkpoint, fp32.
+- llama.cpp-f32, llama.cpp-q8_0, llama.cpp-q4_1: llama.cpp (through llama-cpp-python, when it is
+  installed) running gptlab's own GGUF export of the same checkpoint at that storage type.
+
+Bandwidth: the bytes of weights each engine reads per token (every matrix once: the head, which
+is SmolLM2's embedding, included; a lookup reads one row of the embedding, not counted) times
+its tokens/s, next to this machine's read bandwidth (summing a 1 GiB float32 tensor). Also: the
+first 16 greedy tokens of each engine against gptlab fp32's.
 """
 
 from __future__ import annotations
@@ -30,15 +39,21 @@ import tempfile
 import time
 import warnings
 
+import numpy as np
 import torch
+from torch import nn
 
 from gptlab.inference.compiled_decode import compile_decode
-from gptlab.inference.quantize import quantize_int8
+from gptlab.inference.engine import prepare_for_decoding
+from gptlab.inference.quantize import Int8Linear, quantize_int8
 from gptlab.inference.sampling import generate
+from gptlab.weights.gguf_export import export_gguf
 from gptlab.weights.hf import export_hf
 from gptlab.weights.load import load_checkpoint
 
-ENGINES = ("gptlab", "compiled", "transformers")
+LLAMA_CPP = ("llama.cpp-f32", "llama.cpp-q8_0", "llama.cpp-q4_1")
+ENGINES = ("gptlab", "int8", "bf16", "compiled", "transformers", *LLAMA_CPP)
+DEFAULT = ("gptlab", "int8", "transformers", *LLAMA_CPP)
 
 
 def ours(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
@@ -62,7 +77,25 @@ def theirs(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     return first, (new - 1) * prompt.size(0) / (total - first)
 
 
+def llama_cpp(llm, prompt: torch.Tensor, new: int) -> tuple[float, float]:
+    """One sequence through llama.cpp: prompt, then ``new`` greedy tokens from its logits."""
+    out = []
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt[0].tolist())
+    out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    first = time.perf_counter() - start
+    for _ in range(new - 1):
+        llm.eval(out[-1:])
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    llm.last_ids = out
+    return first, (new - 1) / (time.perf_counter() - start - first)
+
+
 def greedy_ids(name: str, model, prompt: torch.Tensor, n: int) -> list[int]:
+    if name.startswith("llama.cpp"):
+        llama_cpp(model, prompt, n)
+        return model.last_ids
     if name == "transformers":
         out = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
         return out[0, -n:].tolist()
@@ -74,16 +107,83 @@ def rounds(engines: dict, prompt: torch.Tensor, new: int, repeat: int) -> list[d
     return [{name: fn(m, prompt, new) for name, (fn, m) in engines.items()} for _ in range(repeat)]
 
 
-def report(runs: list[dict], batch: int) -> None:
+def report(runs: list[dict], batch: int, weight_bytes: dict[str, int]) -> None:
     names = list(runs[0])
     for name in names:
         ttft = statistics.median(r[name][0] for r in runs)
         tps = statistics.median(r[name][1] for r in runs)
         first = f"time to first token {ttft * 1e3:7.1f} ms, " if batch == 1 else ""
-        print(f"{name:13} batch {batch}: {first}decode {tps:6.1f} tok/s", flush=True)
-    for name in names[1:]:
-        ratio = statistics.median(r[name][1] / r[names[0]][1] for r in runs)
-        print(f"{name} / {names[0]}, batch {batch}: decode {ratio:.2f}x")
+        reads = f", weights read {weight_bytes[name] * tps / batch / 1e9:5.1f} GB/s" if name in weight_bytes else ""
+        print(f"{name:15} batch {batch}: {first}decode {tps:6.1f} tok/s{reads}", flush=True)
+    for base in ("gptlab", "transformers", "llama.cpp-q8_0"):
+        if base in names:
+            ratios = [f"{name} {statistics.median(r[name][1] / r[base][1] for r in runs):.2f}x"
+                      for name in names if name != base]
+            print(f"decode against {base}, batch {batch}: {', '.join(ratios)}")
+
+
+def read_bandwidth(repeat: int = 5) -> float:
+    """This machine's memory read bandwidth, GB/s: summing a 1 GiB float32 tensor (median)."""
+    x = torch.ones(2**28)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def bytes_per_token(model: nn.Module) -> int:
+    """Bytes of the matrices one decoded token reads: every Linear (the head included), once."""
+    return sum(m.nbytes if isinstance(m, Int8Linear) else m.weight.numel() * m.weight.element_size()
+               for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear)))
+
+
+def load_llama_cpp(ckpt, names: list[str], folder: str, n_ctx: int) -> dict:
+    """llama.cpp engines on gptlab's GGUF exports, {name: (fn, Llama)}; none without the bindings."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp left out: pip install llama-cpp-python==0.3.36 (builds from source, ~5 minutes)")
+        return {}
+    engines = {}
+    for name in (n for n in names if n in LLAMA_CPP):
+        path = os.path.join(folder, name + ".gguf")
+        export_gguf(ckpt, path, name.split("-")[1])
+        llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+        llm.file_bytes = os.path.getsize(path)
+        engines[name] = (llama_cpp, llm)
+    return engines
+
+
+def build_engines(ckpt, names: list[str], args: argparse.Namespace, gguf_dir: str) -> tuple[dict, str]:
+    """{name: (timing function, model)} for the engines asked for, and the versions to print."""
+    model = ckpt.model.eval()
+    engines, versions = {}, ""
+    if "gptlab" in names:
+        engines["gptlab"] = (ours, model)
+    if "int8" in names:
+        engines["int8"] = (ours, quantize_int8(copy.deepcopy(model)))
+    if "bf16" in names:
+        engines["bf16"] = (ours, prepare_for_decoding(copy.deepcopy(model), "bf16"))
+    if "compiled" in names:
+        compiled = copy.deepcopy(model)
+        compile_decode(compiled, mode=args.compile_mode)
+        engines["compiled"] = (ours, compiled)
+    if "transformers" in names:
+        import transformers
+
+        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_hf(ckpt, d, family=ckpt.config.arch)
+            engines["transformers"] = (theirs, transformers.AutoModelForCausalLM.from_pretrained(d).eval())
+        versions += f", transformers {transformers.__version__}"
+    engines.update(load_llama_cpp(ckpt, names, gguf_dir, args.prompt_tokens + args.new_tokens + 8))
+    if any(n in engines for n in LLAMA_CPP):
+        import llama_cpp
+
+        versions += f", llama-cpp-python {llama_cpp.__version__}"
+    return engines, versions
 
 
 def main() -> None:
@@ -92,43 +192,32 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from {', '.join(ENGINES)}")
+    ap.add_argument("--engines", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(ENGINES)}")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled engine")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights in the gptlab engines")
+    ap.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's choice)")
     args = ap.parse_args()
     names = args.engines.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     ckpt = load_checkpoint(args.model)
-    model = ckpt.model.eval()
-    engines = {}
-    if args.quantize:
-        model = quantize_int8(copy.deepcopy(model))
-    if "gptlab" in names:
-        engines["gptlab"] = (ours, model)
-    if "compiled" in names:
-        compiled = copy.deepcopy(model)
-        compile_decode(compiled, mode=args.compile_mode)
-        engines["compiled"] = (ours, compiled)
-    versions = ""
-    if "transformers" in names:
-        import transformers
-
-        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_hf(ckpt, d, family=ckpt.config.arch)
-            engines["transformers"] = (theirs, transformers.AutoModelForCausalLM.from_pretrained(d).eval())
-        versions = f", transformers {transformers.__version__}"
+    gguf_dir = tempfile.TemporaryDirectory()
+    engines, versions = build_engines(ckpt, names, args, gguf_dir.name)
+    weight_bytes = {name: (m.file_bytes if name in LLAMA_CPP else bytes_per_token(m))
+                    for name, (_, m) in engines.items() if name != "compiled"}
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(1000, 20000, (1, args.prompt_tokens), generator=g)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads{versions}; {args.model}, prompt "
-          f"{args.prompt_tokens}, new {args.new_tokens}, greedy, {args.quantize or 'fp32'}, compile mode "
-          f"{args.compile_mode}; load average before: {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads{versions}; {args.model}, prompt {args.prompt_tokens}, new "
+          f"{args.new_tokens}, greedy, compile mode {args.compile_mode}; load average before: "
+          f"{os.getloadavg()[0]:.2f}")
+    print(f"memory read bandwidth (sum of 1 GiB): {read_bandwidth():.1f} GB/s; weights read per token: "
+          + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in weight_bytes.items()))
     with torch.no_grad():
         ids = {name: greedy_ids(name, m, prompt, 16) for name, (_, m) in engines.items()}
-        print(f"same 16 greedy tokens in every engine: {len({tuple(v) for v in ids.values()}) == 1}")
+        reference = ids[next(iter(ids))]
+        print("first 16 greedy tokens equal to " + next(iter(ids)) + "'s: "
+              + ", ".join(f"{k} {'yes' if v == reference else 'no'}" for k, v in ids.items()))
         batch8 = prompt.repeat(8, 1)
         for p, new in ((prompt, args.new_tokens), (batch8, args.new_tokens // 2)):
             if "compiled" in engines:
@@ -138,9 +227,11 @@ def main() -> None:
                 print(f"compiled, batch {p.size(0)}: compile {total[0] - total[1]:.1f} s "
                       f"(first run {total[0]:.1f} s, second {total[1]:.1f} s)", flush=True)
         rounds({k: v for k, v in engines.items() if k != "compiled"}, prompt, 4, 1)  # warm-up (compiled just was)
-        report(rounds(engines, prompt, args.new_tokens, args.repeat), 1)
-        report(rounds(engines, batch8, args.new_tokens // 2, max(1, args.repeat // 2)), 8)
+        report(rounds(engines, prompt, args.new_tokens, args.repeat), 1, weight_bytes)
+        batched = {k: v for k, v in engines.items() if k not in LLAMA_CPP}
+        report(rounds(batched, batch8, args.new_tokens // 2, max(1, args.repeat // 2)), 8, weight_bytes)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    gguf_dir.cleanup()
 
 
 if __name__ == "__main__":

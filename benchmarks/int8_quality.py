@@ -1,4 +1,4 @@
-"""What int8 weights cost in quality and give in memory and speed: SmolLM2-135M, fp32 vs int8.
+"""What int8 costs in quality and gives in memory and speed: SmolLM2-135M, fp32 against int8.
 
     python benchmarks/int8_quality.py            # 4096 held-out tokens, windows of 512, stride 256
 
@@ -11,13 +11,14 @@ alike; each window also gives how often a variant's most likely next token is fp
 
 Variants:
 - fp32: the model as loaded.
-- int8: ``quantize_int8`` as gptlab applies it: per-output-channel symmetric int8 for every
-  block Linear; SmolLM2's head is its embedding (tied), so it stays float.
-- int8, head too: the head quantised as well (``head=True``): an int8 copy of it, while the
-  embedding keeps its float table for lookups.
-- fbgemm W8A8 (a reference, not part of gptlab): torch's dynamic quantisation, per-channel int8
-  weights as above, which also rounds each activation to int8 (one scale per tensor, per call)
-  and so can use fbgemm's int8 x int8 kernels. Left out when this torch has no fbgemm engine.
+- int8: ``quantize_int8`` as ``--quantize int8`` applies it: every Linear and the head with
+  per-output-channel int8 weights, each token's activations rounded to 8 bits on a grid of its
+  own (fbgemm's int8 x int8 kernels).
+- int8, 7-bit activations: the same with the activation grid CPUs without VNNI use (on this
+  machine only if it has VNNI; ``quantize.reduce_range``).
+- fbgemm W8A8, one grid per call (a reference, not part of gptlab): torch's dynamic quantisation
+  (``torch.ao.quantization.quantize_dynamic``), the same int8 weights, and all the tokens of a
+  call rounded on one grid drawn from their joint range, as fbgemm's dynamic kernels do.
 
 Then decode tokens/s at batch 1 (a 64-token prompt, --new-tokens greedy tokens, variants in
 turns, median of --repeat rounds) and the bytes of each variant's weights.
@@ -39,7 +40,7 @@ from torch import nn
 
 from gptlab.data.prepare import split_point
 from gptlab.data.sources import load_corpus
-from gptlab.inference.quantize import quantize_int8, weight_bytes
+from gptlab.inference.quantize import Int8Linear, quantize_int8, weight_bytes
 from gptlab.weights.load import load_checkpoint
 
 from engine_decode import ours  # decode tok/s timed as the engine benchmark times it (this folder is on sys.path)
@@ -55,6 +56,14 @@ def fbgemm_w8a8(model: nn.Module) -> nn.Module | None:
         # Per-channel int8 weights, as gptlab's; activations per tensor, as fbgemm's kernels take them.
         spec = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8)
+
+
+def seven_bit(model: nn.Module) -> nn.Module:
+    """Int8 layers with the 7-bit activation grid of CPUs without VNNI."""
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m._levels = 126
+    return model
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -93,15 +102,15 @@ def main() -> None:
 
     ckpt = load_checkpoint(args.model)
     fp32 = ckpt.model.eval()
-    variants = {"fp32": fp32,
-                "int8": quantize_int8(copy.deepcopy(fp32)),
-                "int8, head too": quantize_int8(copy.deepcopy(fp32), head=True)}
+    variants = {"fp32": fp32, "int8": quantize_int8(copy.deepcopy(fp32)),
+                "int8, 7-bit act.": seven_bit(quantize_int8(copy.deepcopy(fp32)))}
     if (w8a8 := fbgemm_w8a8(fp32)) is not None:
         variants["fbgemm W8A8"] = w8a8
     text = load_corpus("shakespeare-tiny").text
     held_out = text[split_point(text, 0.1):]
     ids = torch.tensor(ckpt.tokenizer.encode(held_out)[: args.tokens])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model}; shakespeare-tiny validation, "
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads; {args.model}; shakespeare-tiny validation, "
           f"{len(ids)} tokens, window {args.window}, stride {args.stride}; load average before: "
           f"{os.getloadavg()[0]:.2f}", flush=True)
 

@@ -115,6 +115,23 @@ def test_api_key_is_required_when_set(engine):
         assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(url).status_code == 200
 
 
+def test_an_int8_engine_serves_the_api_and_the_page(engine):
+    """``gptlab serve --quantize int8``: the same answers an int8 engine gives directly."""
+    import copy
+    from types import SimpleNamespace
+
+    checkpoint = SimpleNamespace(model=copy.deepcopy(engine.model), tokenizer=engine.tokenizer, path=".",
+                                 config=engine.model.config, tokenizer_config=None)
+    quantized = Engine(checkpoint, quantize="int8")
+    expected = quantized.generate_batch([quantized.chat_prompt(HI, 8).ids],
+                                        SamplingParams(temperature=0, max_new_tokens=8))[0]
+    for url in serve(create_app(quantized, MODEL)):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content == expected.text
+        assert "<html" in httpx.get(url).text.lower()
+
+
 def test_eight_concurrent_streams_all_complete(client):
     def one(seed: int) -> tuple[str, str]:
         stream = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=12, seed=seed, stream=True)

@@ -11,7 +11,8 @@ def _eval(args: argparse.Namespace) -> None:
     from gptlab.inference.evaluate import EvalOptions, run_eval
 
     options = EvalOptions(window=args.window, stride=args.stride, k=args.k, seed=args.seed, limit=args.limit,
-                          batch_size=args.batch_size, device=args.device, dtype=args.dtype, as_json=args.json)
+                          batch_size=args.batch_size, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                          as_json=args.json)
     run_eval(args.model, corpus=args.corpus, choices=args.choices, chat=args.chat, options=options)
 
 
@@ -52,5 +53,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="sequences per forward pass, fewer where they would be more than 8,192 tokens (default: 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=f"{DTYPE_HELP} (default: auto)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="score with the weights and activations in int8, as --quantize int8 decodes (default: off)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_eval)

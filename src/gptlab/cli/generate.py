@@ -55,9 +55,9 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                    help="compile the one-token decode step (torch.compile over a static KV cache): the same tokens, "
                         "~1.2x faster decoding on a CPU, after a one-off compile of a minute or more")
     p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="store the block weights as int8: less weight memory for slightly higher perplexity, "
-                        "not faster on CPUs without fast int8 kernels (measured in benchmarks/RESULTS.md, "
-                        "'int8 weight-only quantisation')")
+                   help="compute every linear layer, the head included, in int8 on the CPU (fbgemm's kernels): a "
+                        "quarter of the weight bytes per token, several times faster decoding, slightly higher "
+                        "perplexity (measured in benchmarks/RESULTS.md, 'int8 on the CPU'); not with --compile")
     p.add_argument("--speculate", type=int, default=0, metavar="N",
                    help="greedy answers (--greedy, temperature 0): draft up to N tokens a step by copying what "
                         "followed the last words where they occurred before in the context, and keep those the "

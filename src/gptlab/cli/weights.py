@@ -92,8 +92,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="output format (default: hf)")
     p.add_argument("--out", required=True, help="directory to write (hf) or file ending in .gguf (gguf)")
     p.add_argument("--type", default="f32", metavar="TYPE",
-                   help="--format gguf: how weight matrices are stored: f32 (exact), f16 or q8_0 (8 bits per weight "
-                        "plus a scale per 32; a quarter of f32's size); norms and biases stay f32 (default: f32)")
+                   help="--format gguf: how weight matrices are stored: f32 (exact), f16, q8_0 (8 bits per weight "
+                        "plus a scale per 32; a quarter of f32's size) or q4_1 (4 bits plus a scale and a minimum "
+                        "per 32; a sixth); norms and biases stay f32 (default: f32)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
 

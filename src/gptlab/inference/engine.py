@@ -96,6 +96,9 @@ def prepare_for_decoding(model: torch.nn.Module, dtype: str | None = None, compi
     (``compile``, see ``compile_decode``). What ``Engine`` does for --dtype, --quantize and --compile."""
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize={quantize!r} is not supported; choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize and compile:
+        raise UserError("--compile and --quantize int8 do not combine (torch.compile cannot trace fbgemm's packed "
+                        "int8 weights); use --quantize int8 alone, the faster of the two on a CPU")
     model.eval()
     if dtype is not None:
         cast_weights(model, pick_dtype(dtype, next(model.parameters()).device).dtype)
@@ -122,9 +125,10 @@ class Engine:
     ``dtype`` is the commands' --dtype (``prepare_for_decoding``): the CLI passes "auto", which
     keeps fp32 on CPUs and takes bf16 on GPUs that have it; None (the default) keeps the weights
     as loaded, as a training job that samples from the model it trains needs. ``quantize="int8"``
-    stores the block Linear weights as int8 (``quantize_int8``; the model is changed in place):
-    a memory option, not a speed option on CPUs (its memory, perplexity and speed are measured
-    in benchmarks/RESULTS.md, "int8 weight-only quantisation"). ``compile=True``
+    computes every Linear layer, the head included, in int8 on the CPU (``quantize_int8``; the
+    model is changed in place): a quarter of the weight bytes read per token, and decoding
+    several times faster (its speed and perplexity are measured in benchmarks/RESULTS.md,
+    "int8 on the CPU"). ``compile=True``
     compiles the one-token decode step with torch.compile over a static KV cache: the same
     tokens, decoding about 1.2x faster on a 2-core CPU, but the first answer waits for the
     compile (about 70 s, 6 s once inductor's on-disk cache has it), and so does the first at

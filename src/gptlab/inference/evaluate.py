@@ -31,6 +31,8 @@ class EvalOptions:
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str | None = None
+    """--quantize int8: score with int8 weights and activations (``gptlab.inference.quantize``)"""
     as_json: bool = False
     progress: bool = True
 
@@ -60,7 +62,8 @@ def run_eval(model: str, corpus: str | None = None, choices: str | None = None, 
     scorer, checkpoint, precision = _load(model, options)
     result = evaluate(scorer, checkpoint)
     report = {"model": model, "task": task[2:], task[2:]: tasks[task], "parameters": checkpoint.model.num_parameters(),
-              "device": str(scorer.device), "dtype": precision.name, **result.to_dict()}
+              "device": str(scorer.device), "dtype": precision.name,
+              **({"quantize": options.quantize} if options.quantize else {}), **result.to_dict()}
     print(json.dumps(report) if options.as_json else format_report(report))
     return report
 
@@ -106,6 +109,10 @@ def _load(model: str, options: EvalOptions):
     device = pick_device(options.device)
     precision = pick_dtype(options.dtype, device)
     checkpoint = load_checkpoint(model, device=device)
+    if options.quantize == "int8":
+        from gptlab.inference.quantize import quantize_int8
+
+        quantize_int8(checkpoint.model)
     scorer = Scorer(checkpoint.model, device, precision.dtype, options.batch_size, options.progress,
                     bos_id=bos_id(checkpoint))
     return scorer, checkpoint, precision
@@ -115,7 +122,7 @@ def _load(model: str, options: EvalOptions):
 ROWS = (
     ("model", "model", "{}"), ("corpus", "corpus", "{}"), ("choices", "choices", "{}"), ("chat", "chat", "{}"),
     ("parameters", "parameters", "{:,}"),
-    ("device", "device", "{}"), ("dtype", "dtype", "{}"),
+    ("device", "device", "{}"), ("dtype", "dtype", "{}"), ("quantize", "quantize", "{}"),
     ("tokens", "tokens", "{:,}"), ("predicted", "predicted", "{:,}"), ("bytes", "bytes", "{:,}"),
     ("windows", "windows", "{:,}"), ("window", "window", "{:,} tokens"), ("stride", "stride", "{:,} tokens"),
     ("loss", "loss", "{:.4f} nats/token"), ("perplexity", "perplexity", "{:.3f}"),

@@ -8,8 +8,9 @@ Export is ``weights/gguf.py``'s import read backwards, from the same tables (``A
 - tensors are renamed, GPT-2's q, k and v stacked into one ``attn_qkv``, Llama's q and k rows
   permuted into llama.cpp's RoPE layout (``permute_qk``, the inverse of ``unpermute_qk``), and
   Gemma's norm weights stored as the scale they apply, 1 + weight (``Arch.norm_shift``);
-- matrices are stored as f32, f16 or q8_0 (blocks of 32 values sharing one fp16 scale, quantised
-  by the gguf package); vectors (norms, biases) stay f32, as llama.cpp's own converter leaves them;
+- matrices are stored as f32, f16, q8_0 (blocks of 32 values sharing one fp16 scale) or q4_1
+  (blocks of 32 4-bit values with an fp16 scale and minimum), quantised by the gguf package and
+  read by llama.cpp without its own re-quantisation step; vectors (norms, biases) stay f32, as llama.cpp's own converter leaves them;
 - the vocabulary is written as llama.cpp's byte-level BPE (``tokenizer.ggml.model = "gpt2"``:
   tokens, token types, merges and the pre-tokenizer's name) or SentencePiece (``"llama"``:
   pieces, scores, types and the leading-space setting), with the special tokens and the chat
@@ -51,12 +52,13 @@ from gptlab.weights.gguf import (
 )
 from gptlab.weights.hf import HF_FAMILY_OF_ARCH, export_problems
 
-Q8_0, F16 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16
+Q8_0, Q4_1, F16 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.F16
 #: --type -> (the file's general.file_type, how matrices are stored; None: float32)
 STORAGE = {
     "f32": (gguf.LlamaFileType.ALL_F32, None),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, F16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q8_0),
+    "q4_1": (gguf.LlamaFileType.MOSTLY_Q4_1, Q4_1),
 }
 #: gptlab family -> llama.cpp architecture
 FAMILY_ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
@@ -189,12 +191,12 @@ def gguf_tensors(model: torch.nn.Module, arch: Arch, arch_name: str) -> dict[str
 def _stored(values: np.ndarray, qtype: gguf.GGMLQuantizationType | None
             ) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
     """The bytes a tensor is written as, and their type (None: the array's own, f32 or f16).
-    Vectors stay f32; a matrix whose rows are not whole q8_0 blocks of 32 falls back to f16, as in
+    Vectors stay f32; a matrix whose rows are not whole blocks of 32 falls back to f16, as in
     llama.cpp's converter."""
     if values.ndim == 1 or qtype is None:
         return np.ascontiguousarray(values, dtype=np.float32), None
-    if qtype == Q8_0 and values.shape[-1] % gguf.GGML_QUANT_SIZES[Q8_0][0] == 0:
-        return gguf.quants.quantize(np.ascontiguousarray(values), Q8_0), Q8_0
+    if qtype in (Q8_0, Q4_1) and values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+        return gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype), qtype
     return np.ascontiguousarray(values, dtype=np.float16), None
 
 
@@ -358,7 +360,7 @@ def check_target(out: str | Path, storage: str) -> str:
 
 def export_gguf(ckpt: Checkpoint, out: str | Path, storage: str = "f32") -> None:
     """Write ``ckpt`` as one GGUF file that llama.cpp runs and gptlab imports back: exactly at f32,
-    within rounding at f16 and q8_0 (``storage``). Everything is checked before the file is
+    within rounding at f16, q8_0 and q4_1 (``storage``). Everything is checked before the file is
     written, and the file appears only once complete."""
     out, storage = Path(out), check_target(out, storage)
     name = gguf_architecture(ckpt.config)
@@ -370,7 +372,7 @@ def export_gguf(ckpt: Checkpoint, out: str | Path, storage: str = "f32") -> None
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, name)
         w.add_file_type(file_type)
-        if qtype == Q8_0:
+        if qtype in (Q8_0, Q4_1):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _write_hparams(w, arch, ckpt.config)
         _write_vocab(w, vocab, chat)
