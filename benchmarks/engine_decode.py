@@ -51,6 +51,8 @@ from gptlab.weights.gguf_export import export_gguf
 from gptlab.weights.hf import export_hf
 from gptlab.weights.load import load_checkpoint
 
+from gguf_llamacpp import last_logits  # this folder is on sys.path when a benchmark runs
+
 LLAMA_CPP = ("llama.cpp-f32", "llama.cpp-q8_0", "llama.cpp-q4_1")
 ENGINES = ("gptlab", "int8", "bf16", "compiled", "transformers", *LLAMA_CPP)
 DEFAULT = ("gptlab", "int8", "transformers", *LLAMA_CPP)
@@ -83,11 +85,11 @@ def llama_cpp(llm, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt[0].tolist())
-    out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    out.append(int(np.argmax(last_logits(llm))))
     first = time.perf_counter() - start
     for _ in range(new - 1):
         llm.eval(out[-1:])
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        out.append(int(np.argmax(last_logits(llm))))
     llm.last_ids = out
     return first, (new - 1) / (time.perf_counter() - start - first)
 

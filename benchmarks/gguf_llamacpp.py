@@ -38,17 +38,26 @@ def gptlab_greedy(model, prompt: list[int], n: int) -> list[int]:
     return x[0, len(prompt):].tolist()
 
 
+def last_logits(llm) -> np.ndarray:
+    """llama.cpp's logits for the last token it was fed, (vocab,). ``Llama.scores`` holds them only
+    when the model was opened with logits_all=True (which costs the head over every prompt
+    token); otherwise it stays zeros, and its argmax is token 0."""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def llama_cpp_greedy(path: Path, prompt: list[int], n: int, threads: int) -> tuple[list[int], float]:
     """n greedy tokens from llama.cpp's logits, and its decode tokens/s over the last n-1."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=len(prompt) + n + 8, n_threads=threads, n_batch=512, verbose=False)
     llm.eval(prompt)
-    out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    out = [int(np.argmax(last_logits(llm)))]
     start = time.perf_counter()
     for _ in range(n - 1):
         llm.eval(out[-1:])
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        out.append(int(np.argmax(last_logits(llm))))
     return out, (n - 1) / (time.perf_counter() - start)
 
 

@@ -128,15 +128,18 @@ def test_smollm2_hf_export_renders_its_chat_like_gptlab(tmp_path):
 
 
 def llama_cpp_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens from llama.cpp: the argmax of its logits, fed back (no sampler, no stop)."""
+    """n greedy tokens from llama.cpp: the argmax of its logits, fed back (no sampler, no stop).
+    The logits are read from the context itself: ``Llama.scores`` stays zeros unless the model is
+    opened with logits_all=True."""
+    import llama_cpp
     import numpy as np
-    from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
     llm.eval(prompt)
     out = []
     for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+        out.append(int(np.argmax(logits)))
         llm.eval(out[-1:])
     return out
 

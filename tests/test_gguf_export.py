@@ -194,7 +194,7 @@ def test_metadata_uses_llamacpps_keys(tmp_path, bpe):
     expected = {"general.architecture": "llama", "llama.context_length": 64, "llama.embedding_length": 64,
                 "llama.block_count": 2, "llama.feed_forward_length": cfg.mlp_hidden, "llama.attention.head_count": 4,
                 "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16, "llama.vocab_size": bpe.vocab_size,
-                "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+                "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
                 "tokenizer.ggml.bos_token_id": bpe.token_id("<|im_start|>"),
                 "tokenizer.ggml.eos_token_id": bpe.token_id("<|im_end|>"), "tokenizer.ggml.add_bos_token": False}
     assert {k: meta[k] for k in expected} == expected

@@ -148,6 +148,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    # GPT-2's own regex; llama.cpp spells it "gpt-2" (and refuses "gpt2"). Some files say "gpt2".
+    "gpt-2": ((), True),
     "gpt2": ((), True),
     "default": ((), True),
     # SmolLM's vocabulary was trained on single digits (its tokenizer.json has Digits first).
