@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -120,6 +121,7 @@ def measured(cmd: list[str]) -> dict:
 
 def gptlab_prepare(corpus: Path, out: Path, workers: int) -> dict:
     gptlab = str(Path(sys.executable).with_name("gptlab"))
+    shutil.rmtree(out, ignore_errors=True)  # a finished preparation of the same inputs is reused, even with --force
     r = measured([gptlab, "prepare", "--corpus", str(corpus), "--tokenizer", "gpt2", "--out", str(out),
                   "--workers", str(workers), "--force", "--val-fraction", "0.001"])
     meta = json.loads((out / "meta.json").read_text())
