@@ -56,13 +56,13 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                         "~1.2x faster decoding on a CPU, after a one-off compile of a minute or more")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="compute every linear layer, the head included, in int8 on the CPU (fbgemm's kernels): a "
-                        "quarter of the weight bytes per token, several times faster decoding, slightly higher "
+                        "quarter of the weight bytes per token, about 2x faster decoding, slightly higher "
                         "perplexity (measured in benchmarks/RESULTS.md, 'int8 on the CPU'); not with --compile")
     p.add_argument("--speculate", type=int, default=0, metavar="N",
                    help="greedy answers (--greedy, temperature 0): draft up to N tokens a step by copying what "
                         "followed the last words where they occurred before in the context, and keep those the "
-                        "model agrees with; the same tokens, faster when the answer quotes its context "
-                        "(default: 0, off)")
+                        "model agrees with; the same tokens, faster only when the answer copies long spans of "
+                        "its context (default: 0, off)")
 
 
 # --- gptlab sample -------------------------------------------------------------------------

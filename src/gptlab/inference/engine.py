@@ -127,9 +127,8 @@ class Engine:
     as loaded, as a training job that samples from the model it trains needs. ``quantize="int8"``
     computes every Linear layer, the head included, in int8 on the CPU (``quantize_int8``; the
     model is changed in place): a quarter of the weight bytes read per token, and decoding
-    several times faster (its speed and perplexity are measured in benchmarks/RESULTS.md,
-    "int8 on the CPU"). ``compile=True``
-    compiles the one-token decode step with torch.compile over a static KV cache: the same
+    about twice as fast as fp32 on a CPU (measured in benchmarks/RESULTS.md, "Decoding against
+    llama.cpp"). ``compile=True`` compiles the one-token decode step with torch.compile over a static KV cache: the same
     tokens, decoding about 1.2x faster on a 2-core CPU, but the first answer waits for the
     compile (about 70 s, 6 s once inductor's on-disk cache has it), and so does the first at
     a new batch size. Both are off by default for that reason (benchmarks/RESULTS.md).
