@@ -39,7 +39,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +50,7 @@ from gptlab.weights.gguf_export import export_gguf
 from gptlab.weights.hf import export_hf
 from gptlab.weights.load import load_checkpoint
 
-from gguf_llamacpp import last_logits  # this folder is on sys.path when a benchmark runs
+from gguf_llamacpp import greedy_timed  # this folder is on sys.path when a benchmark runs
 
 LLAMA_CPP = ("llama.cpp-f32", "llama.cpp-q8_0", "llama.cpp-q4_1")
 ENGINES = ("gptlab", "int8", "bf16", "compiled", "transformers", *LLAMA_CPP)
@@ -81,23 +80,13 @@ def theirs(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
 
 def llama_cpp(llm, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     """One sequence through llama.cpp: prompt, then ``new`` greedy tokens from its logits."""
-    out = []
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(prompt[0].tolist())
-    out.append(int(np.argmax(last_logits(llm))))
-    first = time.perf_counter() - start
-    for _ in range(new - 1):
-        llm.eval(out[-1:])
-        out.append(int(np.argmax(last_logits(llm))))
-    llm.last_ids = out
-    return first, (new - 1) / (time.perf_counter() - start - first)
+    _, first, speed = greedy_timed(llm, prompt[0].tolist(), new)
+    return first, speed
 
 
 def greedy_ids(name: str, model, prompt: torch.Tensor, n: int) -> list[int]:
     if name.startswith("llama.cpp"):
-        llama_cpp(model, prompt, n)
-        return model.last_ids
+        return greedy_timed(model, prompt[0].tolist(), n)[0]
     if name == "transformers":
         out = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
         return out[0, -n:].tolist()

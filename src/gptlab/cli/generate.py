@@ -57,7 +57,7 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="compute every linear layer, the head included, in int8 on the CPU (fbgemm's kernels): a "
                         "quarter of the weight bytes per token, about 2x faster decoding, slightly higher "
-                        "perplexity (measured in benchmarks/RESULTS.md, 'int8 on the CPU'); not with --compile")
+                        "perplexity (measured in benchmarks/RESULTS.md, 'Decoding against llama.cpp'); not with --compile")
     p.add_argument("--speculate", type=int, default=0, metavar="N",
                    help="greedy answers (--greedy, temperature 0): draft up to N tokens a step by copying what "
                         "followed the last words where they occurred before in the context, and keep those the "
