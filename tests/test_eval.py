@@ -338,15 +338,17 @@ def test_eval_corpus_prints_a_table_and_json(checkpoint, tmp_path, capsys):
 
 
 def test_eval_quantized_scores_close_to_float(checkpoint, tmp_path, capsys):
-    """--quantize int8 scores the model as int8 decoding runs it: close to, not equal to, fp32."""
-    from gptlab.inference.quantize import quantize_int8
+    """--quantize int8 scores the model as int8 decoding runs it (smoothed by the calibration
+    text): close to, not equal to, fp32."""
+    from gptlab.inference.quantize import calibration_ids, quantize_int8
 
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT, encoding="utf-8")
     assert main(["eval", checkpoint, "--corpus", str(corpus), "--dtype", "fp32", "--quantize", "int8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     float_bpb = evaluate_text(scorer(tiny_gpt(block_size=32).eval()), CHARS, TEXT, "text").bits_per_byte
-    int8_bpb = evaluate_text(scorer(quantize_int8(tiny_gpt(block_size=32).eval())), CHARS, TEXT, "text").bits_per_byte
+    int8 = quantize_int8(tiny_gpt(block_size=32).eval(), calibration_ids(CHARS, 32))
+    int8_bpb = evaluate_text(scorer(int8), CHARS, TEXT, "text").bits_per_byte
     assert report["quantize"] == "int8" and report["bits_per_byte"] == pytest.approx(int8_bpb, rel=1e-5)
     assert int8_bpb != float_bpb and int8_bpb == pytest.approx(float_bpb, rel=0.02)
 

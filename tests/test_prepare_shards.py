@@ -415,11 +415,13 @@ def _peak_growth_kb(tmp_path: Path, n_docs: int) -> tuple[int, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
 def test_peak_memory_is_flat_in_the_corpus_size(tmp_path):
-    small, _ = _peak_growth_kb(tmp_path, 2_000)
-    large, size_kb = _peak_growth_kb(tmp_path, 8_000)
-    # The large corpus's text alone is 16 MB and its ids as int64 would be 125 MB; a streamed
-    # preparation holds a task of a megabyte or so and its ids, whatever the corpus size.
-    assert large < size_kb and large - small < 2_048, (small, large, size_kb)
+    small, small_kb = _peak_growth_kb(tmp_path, 2_000)
+    large, size_kb = _peak_growth_kb(tmp_path, 16_000)
+    # The large corpus's text alone is 31 MB and its ids as int64 would be 250 MB; a streamed
+    # preparation holds a task of a megabyte or so and its ids, whatever the corpus size. The
+    # allocator's peak still wanders by 1-2.5 MB from run to run (measured on a 2-core AMD EPYC
+    # with AVX2), so the growth is compared with a quarter of the extra text, not with zero.
+    assert large < size_kb and large - small < (size_kb - small_kb) / 4, (small, large, size_kb)
 
 
 # --- the loader ----------------------------------------------------------------------------------

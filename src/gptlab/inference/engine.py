@@ -28,7 +28,7 @@ import torch
 from gptlab.device import pick_dtype
 from gptlab.errors import UserError
 from gptlab.inference.compiled_decode import compile_decode
-from gptlab.inference.quantize import quantize_int8
+from gptlab.inference.quantize import calibration_ids, quantize_int8
 from gptlab.inference.sampling import check_sampling_args, generate
 from gptlab.inference.speculative import SpeculationStats, generate_speculative
 from gptlab.tokenizers.chat_template import (
@@ -89,11 +89,12 @@ QUANTIZE_CHOICES = ("int8",)
 
 
 def prepare_for_decoding(model: torch.nn.Module, dtype: str | None = None, compile: bool = False,
-                         quantize: str | None = None) -> torch.nn.Module:
+                         quantize: str | None = None, calibration: torch.Tensor | None = None) -> torch.nn.Module:
     """``model`` (in eval mode, in place) ready to decode: its weights in ``dtype`` (``--dtype``:
     auto, fp32, bf16 or fp16, chosen by ``gptlab.device.pick_dtype`` on the model's device; None
-    leaves them as they are), int8 weights (``quantize="int8"``) and/or a compiled decode step
-    (``compile``, see ``compile_decode``). What ``Engine`` does for --dtype, --quantize and --compile."""
+    leaves them as they are), int8 weights (``quantize="int8"``, smoothed by the ``calibration``
+    ids if given: ``quantize_int8``) and/or a compiled decode step (``compile``, see
+    ``compile_decode``). What ``Engine`` does for --dtype, --quantize and --compile."""
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize={quantize!r} is not supported; choose one of {', '.join(QUANTIZE_CHOICES)}")
     if quantize and compile:
@@ -103,7 +104,7 @@ def prepare_for_decoding(model: torch.nn.Module, dtype: str | None = None, compi
     if dtype is not None:
         cast_weights(model, pick_dtype(dtype, next(model.parameters()).device).dtype)
     if quantize == "int8":
-        quantize_int8(model)
+        quantize_int8(model, calibration)
     if compile:
         compile_decode(model)
     return model
@@ -141,7 +142,8 @@ class Engine:
                  compile: bool = False, quantize: str | None = None, speculate: int = 0):
         if speculate < 0:
             raise UserError(f"speculate={speculate}: give the most draft tokens per step, 1 or more (0: off)")
-        self.model = prepare_for_decoding(checkpoint.model.to(device), dtype, compile, quantize)
+        calibration = calibration_ids(checkpoint.tokenizer, checkpoint.config.block_size) if quantize else None
+        self.model = prepare_for_decoding(checkpoint.model.to(device), dtype, compile, quantize, calibration)
         self.speculate = speculate
         self.speculation = SpeculationStats()  # what the drafts bought, over every answer so far
         self.tokenizer = checkpoint.tokenizer

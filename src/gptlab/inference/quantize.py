@@ -23,24 +23,59 @@ largest magnitude a = max |x|; every row then spans [-1, 1] and gets a grid of i
 since a Linear is linear in its input, multiplying the output row by a undoes the division
 exactly: W x = a W (x / a). The bias is added after.
 
+Smoothing (SmoothQuant, Xiao et al., 2022), where a calibration text is given: a few input
+channels of a layer are large in every token, so a token's grid, sized for them, is coarse for
+all the others. Dividing input channel j by a factor s_j and multiplying the weights' column j
+by it changes nothing in exact arithmetic (W x = (W diag(s)) (diag(s)^-1 x)), but with
+
+    s_j = max |x_j| ** alpha / max_i |W[i, j]| ** (1 - alpha)      (alpha = 0.5)
+
+the activations' large channels shrink and the weights take the difference, where each output
+row has a grid of its own anyway. ``calibrate`` measures max |x_j| by running the model once on
+``CALIBRATION_TEXT``.
+
 What is quantised: every ``nn.Linear`` in the blocks (q/k/v/o projections and the MLP) and the
 output head. A tied head (the token embedding, SmolLM2's) gets an int8 copy beside the float
 table that lookups still read: a quarter more memory for the head, and the largest matrix of a
 small model read at a quarter of the bytes at every token. Embeddings and norms stay float.
+
+Layers that read the same input (q, k and v; a gated MLP's gate and up) are joined into one
+int8 matrix, computed in one call and cut apart after (``Int8Slice``): the same numbers, since
+each output row has its own scale and each token its own grid, in fewer calls. Decoding one
+token is hundreds of small calls, and each costs time beyond its arithmetic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
 import warnings
 
 import torch
 from torch import nn
 
 from gptlab.errors import UserError
+from gptlab.inference.calibration_text import CALIBRATION_TEXT
 
 #: the largest int8 magnitude used; -128 is left out so the grid is symmetric
 QMAX = 127
+#: fbgemm's int8 product: float rows quantised with a given scale and zero point, times packed
+#: int8 weights, float output
+_QDQ_LINEAR = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+#: the smallest positive float32: an all-zero input row is divided by this, not by 0
+TINY = torch.finfo(torch.float32).tiny
+#: how far smoothing moves a channel's range from the activations to the weights (0: not at all)
+ALPHA = 0.5
+
+
+def smoothing_factors(input_peak: torch.Tensor, weight: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
+    """s (in,) with s_j = max|x_j| ** alpha / max_i |W[i, j]| ** (1 - alpha) (see the module),
+    kept within [1e-4, 1e4]; a channel never seen active (or a zero column) gets s = 1."""
+    w_peak = weight.detach().abs().amax(dim=0).float()
+    s = input_peak.float().pow(alpha) / w_peak.pow(1 - alpha)
+    s = torch.where((input_peak > 0) & (w_peak > 0), s, torch.ones_like(s))
+    return s.clamp(1e-4, 1e4)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,24 +91,33 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=None)
 def reduce_range() -> bool:
-    """Whether activations must use 7 bits instead of 8. Without VNNI instructions (most AVX2
+    """Whether the kernels can add only 7-bit activations. Without VNNI instructions (most AVX2
     CPUs) fbgemm adds pairs of uint8 x int8 products in 16 bits, which 8-bit activations can
     overflow (2 x 255 x 127 > 32767); with VNNI (AVX-512 VNNI, AVX-VNNI) the sums are 32-bit."""
     probe = getattr(torch.cpu, "_is_vnni_supported", None)
     return not (probe is not None and probe())
 
 
-def _int8_matmul(rows: torch.Tensor, packed: torch.ScriptObject, levels: int) -> torch.Tensor:
+def _int8_matmul(rows: torch.Tensor, packed: torch.ScriptObject, split_sign: bool) -> torch.Tensor:
     """rows (M, in) float32 within [-1, 1] times the packed int8 weight: (M, out) float32.
 
-    Each value is rounded to the nearest of ``levels`` + 1 evenly spaced points from -1 to 1
-    (uint8 with the zero point in the middle), the products summed in int32 and the sums
-    scaled back by the two grids' steps. The grid is fixed, not drawn from the input's own
-    range as fbgemm's dynamic quantisation draws it, so a row gives the same output whatever
-    rows share its call: a batch equals its prompts run one at a time, a prefill equals its
-    tokens decoded one by one.
+    Each value is rounded to the nearest multiple of 1/127 (255 points from -1 to 1), the
+    products summed in int32 and the sums scaled back by the two grids' steps. The grid is
+    fixed, not drawn from the input's own range as fbgemm's dynamic quantisation draws it, so a
+    row gives the same output whatever rows share its call: a batch equals its prompts run one
+    at a time, a prefill equals its tokens decoded one by one.
+
+    With VNNI the rows go in as uint8 with the zero point at 127. Without it (``reduce_range``)
+    a uint8 may only reach 127, which would halve the grid's steps; instead each row is split
+    into its positive part and its negated negative part, x = max(x, 0) - max(-x, 0), both on
+    0..127 with zero point 0, computed in one call of 2M rows and subtracted. The rounded values
+    are the same, so AVX2 and AVX-512 machines compute the same products.
     """
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, 2.0 / levels, levels // 2, packed)
+    if not split_sign:
+        return _QDQ_LINEAR(rows, 1.0 / QMAX, QMAX, packed)
+    halves = torch.cat((rows, rows.neg())).clamp_min_(0)  # (2M, in), within [0, 1]
+    out = _QDQ_LINEAR(halves, 1.0 / QMAX, 0, packed)
+    return out[: len(rows)] - out[len(rows):]
 
 
 class Int8Linear(nn.Module):
@@ -85,22 +129,40 @@ class Int8Linear(nn.Module):
     The bias, if any, stays a float parameter.
     """
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 smooth: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        #: 1 / s per input channel (see the module: smoothing), or None; the weight was multiplied by s
+        self.register_buffer("smooth", None if smooth is None else smooth.float().clone())
         zero_points = torch.zeros(self.out_features, dtype=torch.long)
         with warnings.catch_warnings():
             # torch 2.13 marks quantised tensors deprecated; the packed kernels are not (yet).
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero_points, 0)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-        self._levels = 126 if reduce_range() else 254  # steps of the activations' grid over [-1, 1]
+        self._split_sign = reduce_range()  # see _int8_matmul
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     @classmethod
+    def from_linears(cls, linears: list[nn.Linear], input_peak: torch.Tensor | None = None,
+                     alpha: float = 0.5) -> Int8Linear:
+        """One int8 layer for ``linears`` that read the same input, their outputs side by side
+        (one layer: itself). ``input_peak`` (in,): max |x_j| over a calibration text, to smooth by."""
+        weight = torch.cat([lin.weight.detach().float() for lin in linears])
+        biases = [lin.bias for lin in linears]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach().float() if b is not None else torch.zeros(lin.out_features) for b, lin in zip(biases, linears)])
+        smooth = None
+        if input_peak is not None:
+            s = smoothing_factors(input_peak, weight, alpha)
+            weight, smooth = weight * s, 1.0 / s
+        q, scale = quantize_weight(weight)
+        return cls(q, scale, bias, smooth)
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        q, scale = quantize_weight(linear.weight)
-        return cls(q, scale, linear.bias)
+        return cls.from_linears([linear])
 
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q (out, in) int8, scale (out,) float32), unpacked from fbgemm's layout."""
@@ -108,9 +170,10 @@ class Int8Linear(nn.Module):
         return qweight.int_repr(), qweight.q_per_channel_scales().float()
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float weight the int8 one stands for, (out, in) float32."""
+        """The float weight the int8 one stands for, (out, in) float32 (smoothing undone)."""
         q, scale = self.int8_weight()
-        return q.float() * scale[:, None]
+        w = q.float() * scale[:, None]
+        return w if self.smooth is None else w * self.smooth
 
     @property
     def nbytes(self) -> int:
@@ -118,16 +181,51 @@ class Int8Linear(nn.Module):
         return self.out_features * (self.in_features + 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (..., in) -> (..., out), in x's dtype; fbgemm takes and gives float32 rows.
-        rows = x.reshape(-1, self.in_features).float()
-        peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        y = _int8_matmul(rows / peak, self._packed, self._levels) * peak
+        # (..., in) -> (..., out), in x's dtype; fbgemm takes and gives float32 rows. Decoding
+        # calls this hundreds of times a token with a single row, so each operation counts.
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype != torch.float32:
+            rows = rows.float()
+        if self.smooth is not None:
+            rows = rows * self.smooth
+        peak = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(TINY)  # max |x|
+        y = _int8_matmul(rows / peak, self._packed, self._split_sign).mul_(peak)
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            y.add_(self.bias)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8, "
+                f"bias={self.bias is not None}, smoothed={self.smooth is not None}")
+
+
+class Int8Slice(nn.Module):
+    """One of the layers joined into a shared ``Int8Linear`` (q, k, v; gate, up), in its place.
+
+    The first of them called with an input computes the joined layer once and keeps the
+    outputs; the others, called with the same tensor, take their columns; when all have, the
+    outputs are let go. Called with another tensor, it computes again: always correct, fast in
+    the order the blocks call them."""
+
+    def __init__(self, joined: Int8Linear, shared: dict, index: int, sizes: list[int]) -> None:
+        super().__init__()
+        self.joined, self.index, self.sizes = joined, index, sizes
+        self.out_features, self.in_features = sizes[index], joined.in_features
+        self._shared = shared  # {"input": x, "outputs": [...], "left": {indices not yet taken}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self._shared
+        if shared.get("input") is not x:
+            shared.update(input=x, outputs=self.joined(x).split(self.sizes, dim=-1), left=set(range(len(self.sizes))))
+        out = shared["outputs"][self.index]
+        shared["left"].discard(self.index)
+        if not shared["left"]:
+            shared.clear()
+        return out
+
+    def extra_repr(self) -> str:
+        return f"part {self.index} of {len(self.sizes)}, out_features={self.out_features}"
 
 
 def int8_problem(model: nn.Module) -> str | None:
@@ -142,9 +240,73 @@ def int8_problem(model: nn.Module) -> str | None:
     return None
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` in ``model.layers`` and the output head by an
-    ``Int8Linear``; return the model. Embeddings and norms stay as they are.
+#: layers of one module that read the same input, joined into one int8 matrix when all are there
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+#: layers left unsmoothed: those that read a norm's output (q/k/v, gate/up, the head) have large
+#: channels in every token, where smoothing helps (on SmolLM2 it cut the logits' error from each
+#: of them alone: 6.4 -> 2.2%, 5.6 -> 2.8%, 3.0 -> 2.0%); the MLP's down projection reads values
+#: that are large in a few tokens rather than in a few channels, where it doubled the error
+#: (6.5 -> 12.5%); the attention output's error was small either way (benchmarks/RESULTS.md)
+UNSMOOTHED = ("o_proj", "down_proj")
+
+
+def linear_groups(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """Every ``nn.Linear`` of the blocks and the head as (parent, names): names that read one
+    input (``SHARED_INPUT``) together, every other layer alone."""
+    groups = []
+    for parent in [*model.layers.modules(), model]:
+        linears = {name: child for name, child in parent.named_children() if isinstance(child, nn.Linear)}
+        if parent is model:
+            linears = {"lm_head": model.lm_head}
+        for names in SHARED_INPUT:
+            if all(isinstance(linears.get(n), nn.Linear) for n in names):
+                groups.append((parent, list(names)))
+                for n in names:
+                    del linears[n]
+        groups.extend((parent, [name]) for name in linears)
+    return groups
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, ids: torch.Tensor) -> dict[nn.Linear, torch.Tensor]:
+    """max |x_j| (in,) of the input of every Linear, over the tokens of one forward pass of
+    ``ids`` (1, T) but the first: a first token often has activations far larger than any
+    other's, in a few channels, and its own grid copes with them without help."""
+    peaks: dict[nn.Linear, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()[..., 1:, :].reshape(-1, args[0].shape[-1]).float()
+        peak = x.abs().amax(dim=0) if len(x) else torch.zeros(x.shape[-1])
+        peaks[module] = torch.maximum(peaks[module], peak) if module in peaks else peak
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        model(ids.to(next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return peaks
+
+
+def calibration_ids(tokenizer, block_size: int) -> torch.Tensor | None:
+    """``CALIBRATION_TEXT`` in ``tokenizer``'s ids, (1, T), at most ``block_size`` of them. A
+    vocabulary that lacks some of its characters (a character model's) gets the words it can
+    encode; None if that leaves fewer than two tokens (then nothing is smoothed)."""
+    try:
+        ids = tokenizer.encode(CALIBRATION_TEXT)
+    except UserError:
+        ids = []
+        for piece in re.split(r"(\s+)", CALIBRATION_TEXT):
+            with contextlib.suppress(UserError):
+                ids += tokenizer.encode(piece)
+    return torch.tensor([ids[:block_size]]) if len(ids) >= 2 else None
+
+
+def quantize_int8(model: nn.Module, calibration: torch.Tensor | None = None) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` in ``model.layers`` and the output head by int8
+    layers (``Int8Linear``; layers that read one input joined, see the module); return the
+    model. With ``calibration`` ids (1, T) (``calibration_ids``), each layer is smoothed by
+    what the model's activations on them measure. Embeddings and norms stay as they are.
 
     LoRA layers (subclasses of nn.Linear) are refused: merge the adapter first.
     """
@@ -153,15 +315,23 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     problem = int8_problem(model)
     if problem:
         raise UserError(problem)
-    targets = [(parent, name, child) for parent in model.layers.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    targets.append((model, "lm_head", model.lm_head))
-    for _, name, linear in targets:  # all checked before any is replaced
-        if type(linear) is not nn.Linear:
-            raise UserError(f"{name} is a {type(linear).__name__}, which int8 quantisation does not handle; "
-                            "merge the LoRA adapter first (gptlab merge)")
-    for parent, name, linear in targets:
-        setattr(parent, name, Int8Linear.from_linear(linear))
+    groups = linear_groups(model)
+    for parent, names in groups:  # all checked before any is replaced
+        for name in names:
+            if type(getattr(parent, name)) is not nn.Linear:
+                raise UserError(f"{name} is a {type(getattr(parent, name)).__name__}, which int8 quantisation does "
+                                "not handle; merge the LoRA adapter first (gptlab merge)")
+    peaks = calibrate(model, calibration) if calibration is not None else {}
+    for parent, names in groups:
+        linears = [getattr(parent, name) for name in names]
+        smooth = names[0] not in UNSMOOTHED
+        joined = Int8Linear.from_linears(linears, peaks.get(linears[0]) if smooth else None)
+        if len(names) == 1:
+            setattr(parent, names[0], joined)
+            continue
+        shared: dict = {}
+        for i, name in enumerate(names):
+            setattr(parent, name, Int8Slice(joined, shared, i, [lin.out_features for lin in linears]))
     return model
 
 
