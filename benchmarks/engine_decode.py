@@ -12,8 +12,8 @@ Then the tokens/s of a batch of 8 prompts of the same length, also in turns (lla
 bindings decode one sequence, so it is left out there).
 
 - gptlab: the eager engine in fp32, a KV cache that grows with the text.
-- int8: the same with ``--quantize int8`` (``quantize_int8``: every Linear, the head included,
-  computed in int8 by fbgemm).
+- int8: the same with ``--quantize int8`` (``quantize_int8`` as the engine calls it: every
+  Linear, the head included, computed in int8 by fbgemm, smoothed by the calibration text).
 - bf16: the same with ``--dtype bf16`` (weights stored in bf16; fast where the CPU has AVX-512
   BF16 or AMX, emulated and slow elsewhere). Not in the default list.
 - compiled: ``compile_decode`` (torch.compile of the one-token step over a static KV cache), fp32.
@@ -25,8 +25,12 @@ bindings decode one sequence, so it is left out there).
 
 Bandwidth: the bytes of weights each engine reads per token (every matrix once: the head, which
 is SmolLM2's embedding, included; a lookup reads one row of the embedding, not counted) times
-its tokens/s, next to this machine's read bandwidth (summing a 1 GiB float32 tensor). Also: the
-first 16 greedy tokens of each engine against gptlab fp32's.
+its tokens/s, next to this machine's read bandwidth (summing a 1 GiB float32 tensor).
+
+Greedy agreement with gptlab fp32: the first 16 greedy tokens of each engine on the timing
+prompt (random token ids), and on --questions chat prompts (ten questions in the model's chat
+template): for how many of them all 16 tokens equal fp32's, and the median count of tokens
+before the first that differs.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ import torch
 from torch import nn
 
 from gptlab.inference.compiled_decode import compile_decode
-from gptlab.inference.engine import prepare_for_decoding
-from gptlab.inference.quantize import Int8Linear, quantize_int8
+from gptlab.inference.engine import Engine, prepare_for_decoding
+from gptlab.inference.quantize import Int8Linear, calibration_ids
 from gptlab.inference.sampling import generate
 from gptlab.weights.gguf_export import export_gguf
 from gptlab.weights.hf import export_hf
@@ -91,6 +95,31 @@ def greedy_ids(name: str, model, prompt: torch.Tensor, n: int) -> list[int]:
         out = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
         return out[0, -n:].tolist()
     return [int(t[0]) for t in generate(model, prompt, n, temperature=0.0)]
+
+
+QUESTIONS = ["What is the capital of France?", "How do I boil an egg?", "Why is the sky blue?",
+             "Write a haiku about the sea.", "What are three tips for staying healthy?",
+             "Explain what a neural network is.", "What is the difference between a list and a tuple in Python?",
+             "Give me a name for a pet turtle.", "How far is the Moon from the Earth?",
+             "Summarise the plot of Romeo and Juliet in two sentences."]
+
+
+def chat_prompts(ckpt, n: int) -> list[torch.Tensor]:
+    """The first ``n`` of ``QUESTIONS``, each as a user turn in the model's chat template, (1, T)."""
+    engine = Engine(ckpt)
+    return [torch.tensor([engine.chat_prompt([{"role": "user", "content": q}], 16).ids]) for q in QUESTIONS[:n]]
+
+
+def agreement(engines: dict, prompts: list[torch.Tensor], n: int = 16) -> None:
+    """Greedy agreement of each engine with the first (gptlab fp32) on ``prompts``: prompts whose
+    first ``n`` tokens all equal, and the median count of equal tokens before the first that differs."""
+    runs = {name: [greedy_ids(name, m, p, n) for p in prompts] for name, (_, m) in engines.items()}
+    reference = runs[next(iter(runs))]
+    for name, ids in runs.items():
+        equal = [next((i for i, (a, b) in enumerate(zip(x, r)) if a != b), n) for x, r in zip(ids, reference)]
+        print(f"{name:15} greedy agreement on {len(prompts)} chat prompts: all {n} tokens equal on "
+              f"{sum(e == n for e in equal)}, median {statistics.median(equal):.0f} tokens before the first "
+              f"difference ({', '.join(map(str, equal))})")
 
 
 def rounds(engines: dict, prompt: torch.Tensor, new: int, repeat: int) -> list[dict[str, tuple[float, float]]]:
@@ -154,7 +183,8 @@ def build_engines(ckpt, names: list[str], args: argparse.Namespace, gguf_dir: st
     if "gptlab" in names:
         engines["gptlab"] = (ours, model)
     if "int8" in names:
-        engines["int8"] = (ours, quantize_int8(copy.deepcopy(model)))
+        calibration = calibration_ids(ckpt.tokenizer, ckpt.config.block_size)
+        engines["int8"] = (ours, prepare_for_decoding(copy.deepcopy(model), quantize="int8", calibration=calibration))
     if "bf16" in names:
         engines["bf16"] = (ours, prepare_for_decoding(copy.deepcopy(model), "bf16"))
     if "compiled" in names:
@@ -186,6 +216,7 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(ENGINES)}")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled engine")
     ap.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's choice)")
+    ap.add_argument("--questions", type=int, default=10, help="chat prompts for greedy agreement (at most 10)")
     args = ap.parse_args()
     names = args.engines.split(",")
     if args.threads:
@@ -209,6 +240,7 @@ def main() -> None:
         reference = ids[next(iter(ids))]
         print("first 16 greedy tokens equal to " + next(iter(ids)) + "'s: "
               + ", ".join(f"{k} {'yes' if v == reference else 'no'}" for k, v in ids.items()))
+        agreement(engines, chat_prompts(ckpt, args.questions))
         batch8 = prompt.repeat(8, 1)
         for p, new in ((prompt, args.new_tokens), (batch8, args.new_tokens // 2)):
             if "compiled" in engines:

@@ -13,9 +13,11 @@ Variants:
 - fp32: the model as loaded.
 - int8: ``quantize_int8`` as ``--quantize int8`` applies it: every Linear and the head with
   per-output-channel int8 weights, each token's activations rounded to 8 bits on a grid of its
-  own (fbgemm's int8 x int8 kernels).
-- int8, 7-bit activations: the same with the activation grid CPUs without VNNI use (on this
-  machine only if it has VNNI; ``quantize.reduce_range``).
+  own (fbgemm's int8 x int8 kernels), the layers that read a norm smoothed by the calibration
+  text (``calibration_ids``).
+- int8, not smoothed: the same without the calibration.
+- int8 weights only (a reference): the same int8 weights turned back into floats, activations
+  in float32: what int8 costs when only the weights are rounded.
 - fbgemm W8A8, one grid per call (a reference, not part of gptlab): torch's dynamic quantisation
   (``torch.ao.quantization.quantize_dynamic``), the same int8 weights, and all the tokens of a
   call rounded on one grid drawn from their joint range, as fbgemm's dynamic kernels do.
@@ -40,7 +42,7 @@ from torch import nn
 
 from gptlab.data.prepare import split_point
 from gptlab.data.sources import load_corpus
-from gptlab.inference.quantize import Int8Linear, quantize_int8, weight_bytes
+from gptlab.inference.quantize import calibration_ids, quantize_int8, quantize_weight, weight_bytes
 from gptlab.weights.load import load_checkpoint
 
 from engine_decode import ours  # decode tok/s timed as the engine benchmark times it (this folder is on sys.path)
@@ -58,11 +60,16 @@ def fbgemm_w8a8(model: nn.Module) -> nn.Module | None:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8)
 
 
-def seven_bit(model: nn.Module) -> nn.Module:
-    """Int8 layers with the 7-bit activation grid of CPUs without VNNI."""
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            m._levels = 126
+def weights_only(model: nn.Module) -> nn.Module:
+    """Every Linear of the blocks and the head with its weight rounded to int8 (per output
+    channel, as ``quantize_int8`` rounds it) and kept as floats: activations stay float32."""
+    linears = [m for m in [*model.layers.modules(), model.lm_head] if isinstance(m, nn.Linear)]
+    if model.lm_head.weight is model.embed_tokens.weight:  # untie: the lookups keep the float table
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    with torch.no_grad():
+        for linear in linears:
+            q, scale = quantize_weight(linear.weight)
+            linear.weight.copy_(q.float() * scale[:, None])
     return model
 
 
@@ -102,8 +109,10 @@ def main() -> None:
 
     ckpt = load_checkpoint(args.model)
     fp32 = ckpt.model.eval()
-    variants = {"fp32": fp32, "int8": quantize_int8(copy.deepcopy(fp32)),
-                "int8, 7-bit act.": seven_bit(quantize_int8(copy.deepcopy(fp32)))}
+    calibration = calibration_ids(ckpt.tokenizer, ckpt.config.block_size)
+    variants = {"fp32": fp32, "int8": quantize_int8(copy.deepcopy(fp32), calibration),
+                "int8, not smoothed": quantize_int8(copy.deepcopy(fp32)),
+                "int8 weights only": weights_only(copy.deepcopy(fp32))}
     if (w8a8 := fbgemm_w8a8(fp32)) is not None:
         variants["fbgemm W8A8"] = w8a8
     text = load_corpus("shakespeare-tiny").text

@@ -7,11 +7,12 @@ import pytest
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--auto-dtype", choices=("rule", "bf16"), default="rule",
-        help="bf16: make --dtype auto pick bf16 on CPUs, as it once did on CPUs with AVX-512 BF16 or AMX, so one run "
-             "on any machine shows which tests still depend on the dtype the machine picks (they should pin fp32 or "
-             "allow for bf16). It reaches the tests' own process only, not the commands they start as subprocesses. "
-             "On a CPU without bf16 instructions bf16 is emulated: expect a slow run.")
+        "--auto-dtype", choices=("rule", "bf16", "cpu-bf16"), default="rule",
+        help="bf16: make --dtype auto pick bf16 on CPUs for everything, as it once did on CPUs with AVX-512 BF16 or "
+             "AMX; cpu-bf16: run the rule as on such a CPU (bf16 for decoding, fp32 for training and evaluation). "
+             "One run on any machine shows which tests still depend on the dtype the machine picks (they should pin "
+             "fp32 or allow for bf16). It reaches the tests' own process only, not the commands they start as "
+             "subprocesses. On a CPU without bf16 instructions bf16 is emulated: expect a slow run.")
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +27,11 @@ def auto_dtype_option(request):
 
     rule = device.auto_dtype
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(device, "auto_dtype", lambda hw: torch.bfloat16 if hw.device == "cpu" else rule(hw))
+        if request.config.getoption("--auto-dtype") == "cpu-bf16":
+            mp.setattr(device, "cpu_has_fast_bf16", lambda: True)
+        else:
+            mp.setattr(device, "auto_dtype",
+                       lambda hw, decoding=False: torch.bfloat16 if hw.device == "cpu" else rule(hw, decoding))
         yield
 
 

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from gptlab import device
+
 from gptlab.inference import generate
 from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.engine import Completion, Engine, SamplingParams
@@ -211,9 +213,11 @@ def test_bf16_decoding_stores_weights_in_bf16_and_keeps_the_position_tables_fp32
                                   tokenizer_config=None), dtype="bf16")
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     assert all(b.dtype == torch.float32 for b in bf16.model.buffers() if b.is_floating_point())
-    # auto on a CPU: fp32, the weights untouched
-    auto = Engine(SimpleNamespace(model=fp32, tokenizer=CHARS, config=plain.config, path=".", tokenizer_config=None),
-                  dtype="auto")
+    # auto on a CPU without bf16 instructions: fp32, the weights untouched
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(device, "cpu_has_fast_bf16", lambda: False)
+        auto = Engine(SimpleNamespace(model=fp32, tokenizer=CHARS, config=plain.config, path=".",
+                                      tokenizer_config=None), dtype="auto")
     assert {p.dtype for p in auto.model.parameters()} == {torch.float32}
     x = torch.tensor([PROMPTS[1]])
     with torch.no_grad():
@@ -225,3 +229,14 @@ def test_bf16_decoding_stores_weights_in_bf16_and_keeps_the_position_tables_fp32
     assert error < 0.06, error
     completion = run_stream(bf16, PROMPTS[0], SamplingParams(temperature=0.0, max_new_tokens=8))[1]
     assert len(completion.token_ids) == 8
+
+
+@pytest.mark.dtype_rule
+def test_auto_decodes_in_bf16_on_a_cpu_with_bf16_instructions_but_not_beside_int8(monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)  # as on AVX-512 BF16 or AMX
+    checkpoint = SimpleNamespace(model=model_of("llama"), tokenizer=CHARS, config=model_of("llama").config, path=".",
+                                 tokenizer_config=None)
+    assert {p.dtype for p in Engine(checkpoint, dtype="auto").model.parameters()} == {torch.bfloat16}
+    checkpoint.model = model_of("llama")
+    int8 = Engine(checkpoint, dtype="auto", quantize="int8").model
+    assert {p.dtype for p in int8.parameters()} == {torch.float32}  # the embedding and norms around int8 layers

@@ -78,6 +78,16 @@ def test_auto_dtype_is_fp32_on_every_cpu_and_bf16_on_gpus_that_have_it(hw, expec
 
 
 @pytest.mark.dtype_rule
+@pytest.mark.parametrize("hw, expected", [
+    (AVX2, torch.float32), (AVX512_NO_BF16, torch.float32), (AVX512_BF16, torch.bfloat16), (AMX, torch.bfloat16),
+    (CUDA_BF16, torch.bfloat16), (CUDA_OLD, torch.float32), (MPS, torch.float32),
+])
+def test_decoding_takes_bf16_on_cpus_with_bf16_instructions_too(hw, expected):
+    assert auto_dtype(hw, decoding=True) == expected
+    assert pick_dtype("auto", torch.device(hw.device), hw, decoding=True) == Precision(expected, "auto")
+
+
+@pytest.mark.dtype_rule
 def test_asked_dtypes_are_honoured_where_they_run_and_fall_back_with_one_warning(capsys):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for hw in (AVX2, AVX512_BF16, AMX):
@@ -144,4 +154,6 @@ def test_every_command_that_runs_a_model_takes_dtype_with_the_one_rule(command, 
         main([*command, "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--dtype" in help_text and "auto" in help_text
-    assert "fp32 on every CPU" in help_text  # the rule itself, stated where the flag is
+    # the rule itself, stated where the flag is; decoding takes bf16 on CPUs that have it
+    decoding = command[0] in ("sample", "chat", "serve")
+    assert ("a CPU with AVX-512 BF16 or AMX" if decoding else "fp32 on every CPU") in help_text

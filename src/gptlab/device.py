@@ -5,12 +5,16 @@ follows ``auto_dtype``, a pure function of the hardware:
 
 - a CUDA GPU with bf16 (Ampere and newer): bf16. Tensor cores run it several times faster
   than fp32, and bf16 keeps fp32's exponent range, so training needs no loss scaling.
+- decoding (``sample``, ``chat``, ``serve``) on a CPU with bf16 instructions (AVX-512 BF16 or
+  AMX): bf16 weights. Each new token reads every weight once, so half the bytes is up to twice
+  the speed, and the CPU multiplies bf16 natively. An answer is text, not a figure to compare
+  between machines, and greedy answers stay those of the model in bf16 on every such CPU.
 - everything else, every CPU included: fp32. On a CPU without bf16 instructions (AVX2) bf16 is
-  emulated and far slower than fp32 (100x on a 2-core EPYC). On a CPU with them (AVX-512 BF16,
-  AMX) it is faster for large matrices, but then the same command prints different losses on
-  different laptops, and the tour's shown outputs and the test suite's tolerances hold on one
-  kind of machine only. A learner's first runs are small models, where bf16 gains least (see
-  benchmarks/RESULTS.md, "bf16 autocast on a CPU"), so fp32 it is; ``--dtype bf16`` asks.
+  emulated and far slower than fp32 (100x on a 2-core EPYC). For training and evaluation on a
+  CPU with them, bf16 is faster for large matrices, but then the same command prints different
+  losses on different laptops, and the tour's shown outputs and the test suite's tolerances hold
+  on one kind of machine only. A learner's first runs are small models, where bf16 gains least
+  (see benchmarks/RESULTS.md, "bf16 autocast on a CPU"), so fp32 it is; ``--dtype bf16`` asks.
 
 An explicit ``--dtype`` is honoured where the device can run it; where it cannot (fp16 on a
 CPU, bf16 on an old GPU) the command warns once and uses what ``auto`` picks.
@@ -33,6 +37,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 DTYPE_HELP = ("compute precision: auto (bf16 on a CUDA GPU that has it; fp32 on every CPU, for the same numbers on "
               "every machine), fp32, bf16 (fast on CPUs with AVX-512 BF16 or AMX), fp16 (GPUs)")
+#: the same for the commands that decode (sample, chat, serve), where auto differs on CPUs with bf16
+DECODING_DTYPE_HELP = ("precision of the weights while decoding: auto (bf16 on a CUDA GPU or a CPU with AVX-512 BF16 "
+                       "or AMX, which halves the bytes each token reads; fp32 elsewhere, and beside --quantize int8), "
+                       "fp32, bf16, fp16 (GPUs)")
 
 
 def warn(message: str) -> None:
@@ -85,10 +93,13 @@ class Hardware:
                    cuda_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
-def auto_dtype(hw: Hardware) -> torch.dtype:
-    """What ``--dtype auto`` runs in on ``hw``: bf16 on CUDA GPUs that have it, fp32 everywhere
-    else (the module docstring says why CPUs with bf16 get fp32 too)."""
+def auto_dtype(hw: Hardware, decoding: bool = False) -> torch.dtype:
+    """What ``--dtype auto`` runs in on ``hw``: bf16 on CUDA GPUs that have it, and for
+    ``decoding`` on CPUs with bf16 instructions; fp32 everywhere else (the module docstring says
+    why training and evaluation on those CPUs get fp32 too)."""
     if hw.device == "cuda" and hw.cuda_bf16:
+        return torch.bfloat16
+    if decoding and hw.device == "cpu" and hw.cpu_bf16:
         return torch.bfloat16
     return torch.float32
 
@@ -118,19 +129,19 @@ class Precision:
         return f"{self.name} ({self.why})"
 
 
-def pick_dtype(name: str, device: torch.device, hw: Hardware | None = None) -> Precision:
-    """The precision for ``--dtype name`` on ``device``. A dtype the device cannot run falls back,
-    with a warning, to what ``auto`` picks; bf16 on a CPU that only emulates it runs, with a
-    warning that it is slow."""
+def pick_dtype(name: str, device: torch.device, hw: Hardware | None = None, decoding: bool = False) -> Precision:
+    """The precision for ``--dtype name`` on ``device`` (``decoding``: for sample, chat and serve).
+    A dtype the device cannot run falls back, with a warning, to what ``auto`` picks; bf16 on a
+    CPU that only emulates it runs, with a warning that it is slow."""
     hw = hw or Hardware.of(device)
     if name == "auto":
-        return Precision(auto_dtype(hw), "auto")
+        return Precision(auto_dtype(hw, decoding), "auto")
     if name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
     dtype = DTYPES[name]
     problem = dtype_problem(dtype, hw)
     if problem is not None:
-        fallback = auto_dtype(hw)
+        fallback = auto_dtype(hw, decoding)
         warn(f"--dtype {name} on {hw.device}: {problem}; using {dtype_name(fallback)} instead")
         return Precision(fallback, f"{name} unavailable")
     if hw.device == "cpu" and dtype == torch.bfloat16 and not hw.cpu_bf16:

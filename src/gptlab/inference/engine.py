@@ -102,7 +102,10 @@ def prepare_for_decoding(model: torch.nn.Module, dtype: str | None = None, compi
                         "int8 weights); use --quantize int8 alone, the faster of the two on a CPU")
     model.eval()
     if dtype is not None:
-        cast_weights(model, pick_dtype(dtype, next(model.parameters()).device).dtype)
+        # auto picks bf16 for decoding on CPUs with bf16 instructions, but int8 layers compute in
+        # float32 around their int8 products: the rest of an int8 model stays fp32 then.
+        device = next(model.parameters()).device
+        cast_weights(model, pick_dtype(dtype, device, decoding=quantize is None).dtype)
     if quantize == "int8":
         quantize_int8(model, calibration)
     if compile:
@@ -124,7 +127,7 @@ class Engine:
     """A loaded model ready to continue prompts and conversations.
 
     ``dtype`` is the commands' --dtype (``prepare_for_decoding``): the CLI passes "auto", which
-    keeps fp32 on CPUs and takes bf16 on GPUs that have it; None (the default) keeps the weights
+    takes bf16 on GPUs and CPUs that have it (without --quantize) and fp32 elsewhere; None (the default) keeps the weights
     as loaded, as a training job that samples from the model it trains needs. ``quantize="int8"``
     computes every Linear layer, the head included, in int8 on the CPU (``quantize_int8``; the
     model is changed in place): a quarter of the weight bytes read per token, and decoding
