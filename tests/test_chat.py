@@ -98,6 +98,36 @@ def test_seed_makes_sampling_reproducible(tmp_path, monkeypatch):
     assert text.count("assistant> ") == 2 and "[temperature 0]" in text
 
 
+class UniformModel(nn.Module):
+    """Every letter equally likely after any input (no EOS, no newline): each reply is the draws."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.config = SimpleNamespace(block_size=256)
+        self.bias = torch.zeros(tokenizer.vocab_size)
+        self.bias[[tokenizer.special_tokens["<|endoftext|>"], *tokenizer.encode("\n")]] = float("-inf")
+
+    def forward(self, idx, targets=None):
+        return self.bias.expand(idx.size(0), idx.size(1), -1), None
+
+
+def test_a_seeded_conversation_draws_on_across_turns_and_replays_exactly():
+    def conversation():
+        model = UniformModel(CHARS)
+        engine = Engine(SimpleNamespace(model=model, tokenizer=CHARS, config=model.config, path=".",
+                                        tokenizer_config=None))
+        session = ChatSession(engine, SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))
+        first = session.answer("hello", io.StringIO())
+        session.command("/reset", io.StringIO())
+        return first, session.answer("hello", io.StringIO())
+
+    replies = conversation()
+    assert conversation() == replies  # the seed replays the whole session
+    # The same question again: new draws, not the first turn's once more (each answer seeded
+    # afresh made a small model give one reply turn after turn).
+    assert replies[0] != replies[1]
+
+
 def test_oldest_turns_are_dropped_to_fit_and_the_user_is_told():
     e = engine_for(CHARS, "ok!<|endoftext|>", block_size=120)
     session = ChatSession(e, SamplingParams(temperature=0.0, max_new_tokens=10), system="Be brief.")
@@ -153,7 +183,7 @@ def test_commands():
 def test_ctrl_c_stops_the_answer_not_the_session(monkeypatch):
     session = ChatSession(engine_for(CHARS, "long answer"), SamplingParams())
 
-    def interrupted(prompt_ids, params):
+    def interrupted(prompt_ids, params, generator=None):
         yield "partial"
         raise KeyboardInterrupt
 

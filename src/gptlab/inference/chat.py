@@ -23,6 +23,10 @@ class ChatSession:
     def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None):
         self.engine, self.params, self.system = engine, params, system
         self.history: list[dict[str, str]] = []
+        # One stream of random draws for the whole conversation: a seed reproduces the session,
+        # and each answer draws on from where the last stopped. (Seeding every answer afresh
+        # gave each turn the same draws, and a small model the same reply, turn after turn.)
+        self.generator = engine.seeded_generator(params.seed)
 
     def messages(self) -> list[dict[str, str]]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
@@ -65,7 +69,7 @@ class ChatSession:
             del self.history[:prompt.dropped_turns]
         pieces = []
         try:
-            for piece in self.engine.stream(prompt.ids, self.params):
+            for piece in self.engine.stream(prompt.ids, self.params, self.generator):
                 pieces.append(piece)
                 out.write(piece)
                 out.flush()
