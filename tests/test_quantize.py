@@ -250,3 +250,10 @@ def test_the_engine_smooths_the_layers_that_read_a_norm():
     assert block.self_attn.q_proj.joined.smooth is not None and block.mlp.gate_proj.joined.smooth is not None
     assert block.self_attn.o_proj.smooth is None and block.mlp.down_proj.smooth is None
     assert model.lm_head.smooth is not None
+
+
+def test_calibration_measures_only_the_layers_asked_for():
+    embed, first, second = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+    with torch.no_grad():
+        peaks = calibrate(nn.Sequential(embed, first, second), torch.tensor([[1, 2, 3]]), [second])
+    assert list(peaks) == [second]

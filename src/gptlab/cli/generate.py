@@ -55,8 +55,8 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                         "~1.2x faster decoding on a CPU, after a one-off compile of a minute or more")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="compute every linear layer, the head included, in int8 on the CPU (fbgemm's kernels): a "
-                        "quarter of the weight bytes per token, 1.4-2.3x faster decoding than fp32 (AVX2 / AVX-512 VNNI), "
-                        "slightly higher perplexity (measured in benchmarks/RESULTS.md, 'Decoding against "
+                        "quarter of the weight bytes per token, 1.3-2.3x faster decoding than fp32 (AVX2 to AVX-512 "
+                        "VNNI), slightly higher perplexity (measured in benchmarks/RESULTS.md, 'Decoding against "
                         "llama.cpp'); not with --compile")
     p.add_argument("--speculate", type=int, default=0, metavar="N",
                    help="greedy answers (--greedy, temperature 0): draft up to N tokens a step by copying what "

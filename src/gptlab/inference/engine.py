@@ -127,15 +127,16 @@ class Engine:
     """A loaded model ready to continue prompts and conversations.
 
     ``dtype`` is the commands' --dtype (``prepare_for_decoding``): the CLI passes "auto", which
-    takes bf16 on GPUs and CPUs that have it (without --quantize) and fp32 elsewhere; None (the default) keeps the weights
-    as loaded, as a training job that samples from the model it trains needs. ``quantize="int8"``
-    computes every Linear layer, the head included, in int8 on the CPU (``quantize_int8``; the
-    model is changed in place): a quarter of the weight bytes read per token, and decoding
-    about twice as fast as fp32 on a CPU (measured in benchmarks/RESULTS.md, "Decoding against
-    llama.cpp"). ``compile=True`` compiles the one-token decode step with torch.compile over a static KV cache: the same
-    tokens, decoding about 1.2x faster on a 2-core CPU, but the first answer waits for the
-    compile (about 70 s, 6 s once inductor's on-disk cache has it), and so does the first at
-    a new batch size. Both are off by default for that reason (benchmarks/RESULTS.md).
+    takes bf16 on GPUs and CPUs that have it (without --quantize) and fp32 elsewhere; None (the
+    default) keeps the weights as loaded, as a training job that samples from the model it
+    trains needs. ``quantize="int8"`` computes every Linear layer, the head included, in int8 on
+    the CPU (``quantize_int8``, smoothed by ``calibration_ids``; the model is changed in place): a
+    quarter of the weight bytes read per token, and decoding 1.3-1.4x as fast as fp32 on an AVX2
+    CPU, 2.3x on one with AVX-512 VNNI (benchmarks/RESULTS.md, "Decoding against llama.cpp").
+    ``compile=True`` compiles the one-token decode step with torch.compile over a static KV
+    cache: the same tokens, decoding about 1.2x faster on a 2-core CPU, but the first answer
+    waits for the compile (about 70 s, 6 s once inductor's on-disk cache has it), and so does
+    the first at a new batch size. Both are off by default for that reason (benchmarks/RESULTS.md).
     ``speculate=N`` drafts up to N tokens a step by prompt lookup (``gptlab.inference.speculative``)
     for greedy answers to one prompt at a time: the same tokens, fewer forward passes when the
     answer repeats its context; sampled answers and batches decode as usual.

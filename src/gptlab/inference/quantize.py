@@ -268,18 +268,21 @@ def linear_groups(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, ids: torch.Tensor) -> dict[nn.Linear, torch.Tensor]:
-    """max |x_j| (in,) of the input of every Linear, over the tokens of one forward pass of
-    ``ids`` (1, T) but the first: a first token often has activations far larger than any
-    other's, in a few channels, and its own grid copes with them without help."""
+def calibrate(model: nn.Module, ids: torch.Tensor,
+              layers: list[nn.Linear] | None = None) -> dict[nn.Linear, torch.Tensor]:
+    """max |x_j| (in,) of the input of each of ``layers`` (default: every Linear), over the tokens
+    of one forward pass of ``ids`` (1, T) but the first: a first token often has activations far
+    larger than any other's, in a few channels, and its own grid copes with them without help."""
     peaks: dict[nn.Linear, torch.Tensor] = {}
+    if layers is None:
+        layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
 
     def record(module: nn.Module, args: tuple) -> None:
         x = args[0].detach()[..., 1:, :].reshape(-1, args[0].shape[-1]).float()
         peak = x.abs().amax(dim=0) if len(x) else torch.zeros(x.shape[-1])
         peaks[module] = torch.maximum(peaks[module], peak) if module in peaks else peak
 
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
     try:
         model(ids.to(next(model.parameters()).device))
     finally:
@@ -321,11 +324,12 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor | None = None) -> 
             if type(getattr(parent, name)) is not nn.Linear:
                 raise UserError(f"{name} is a {type(getattr(parent, name)).__name__}, which int8 quantisation does "
                                 "not handle; merge the LoRA adapter first (gptlab merge)")
-    peaks = calibrate(model, calibration) if calibration is not None else {}
+    # The first layer of a group stands for the group: its layers read the same input.
+    smoothed = [getattr(parent, names[0]) for parent, names in groups if names[0] not in UNSMOOTHED]
+    peaks = calibrate(model, calibration, smoothed) if calibration is not None else {}
     for parent, names in groups:
         linears = [getattr(parent, name) for name in names]
-        smooth = names[0] not in UNSMOOTHED
-        joined = Int8Linear.from_linears(linears, peaks.get(linears[0]) if smooth else None)
+        joined = Int8Linear.from_linears(linears, peaks.get(linears[0]))
         if len(names) == 1:
             setattr(parent, names[0], joined)
             continue
