@@ -16,7 +16,7 @@ from gptlab.cli import main
 from gptlab.errors import UserError
 from gptlab.inference.eval_chat import ChatTemplate, draw_distractors, evaluate_chat, read_dialogues
 from gptlab.inference.eval_choices import evaluate_choices, harness_row, read_choices
-from gptlab.inference.eval_scoring import Scorer
+from gptlab.inference.eval_scoring import Row, Scorer
 from gptlab.inference.eval_text import check_window, evaluate_text, plan_windows
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizers import CharTokenizer
@@ -291,6 +291,53 @@ def test_hits_at_1_of_a_model_that_prefers_one_reply(tmp_path):
     assert result.hits_at_1 == pytest.approx(0.2)
     first = evaluate_chat(scorer(AvoidsModel("z")), CHARS, CHAT, dialogues, k=5, limit=1)
     assert (first.items, first.hits_at_1) == (1, 1.0)
+
+
+def test_hits_at_1_norm_ranks_replies_by_score_per_character(tmp_path):
+    # Every token but z costs the same, and a reply's score includes its end-of-turn marker: the
+    # sum favours the shortest reply ("ok"), the score per character the longest ("abcdefghijkl").
+    replies = ["abcdefghijkl", "ok", "zz", "abc", "abcdefgh"]
+    conversations = [[{"role": "user", "content": f"say {chr(97 + i)}"}, {"role": "assistant", "content": r}]
+                     for i, r in enumerate(replies)]
+    dialogues = read_dialogues(chat_file(tmp_path, conversations))
+    longest = evaluate_chat(scorer(AvoidsModel("z")), CHARS, CHAT, dialogues, k=5, limit=1)
+    assert (longest.hits_at_1, longest.hits_at_1_norm) == (0.0, 1.0)
+    every = evaluate_chat(scorer(AvoidsModel("z")), CHARS, CHAT, dialogues, k=5)
+    assert (every.hits_at_1, every.hits_at_1_norm) == (0.2, 0.2)  # "ok" wins the one, "abcdefghijkl" the other
+
+
+class CountsTokens(nn.Module):
+    """A model that counts the input tokens of its forward passes."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model, self.config, self.tokens = model, model.config, 0
+
+    def new_kv_cache(self, max_len: int | None = None):
+        return self.model.new_kv_cache(max_len)
+
+    def forward(self, idx, **kwargs):
+        self.tokens += idx.numel()
+        return self.model(idx, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rows_that_share_a_context_score_as_alone_and_run_it_once(family):
+    model = tiny_gpt(block_size=64, family=family).eval()
+    context, other = CHARS.encode("the owl said hello to the"), CHARS.encode("a cook")
+    endings = [CHARS.encode(e) for e in (" cat.", " dog", " old cook, twice.", " x", " café!")]
+    rows = [Row(context + e, len(e)) for e in endings] + [Row(other + endings[0], len(endings[0])),
+                                                          Row(context[:1] + endings[1], len(endings[1]))]
+    plain = CountsTokens(model)
+    expected = Scorer(plain, CPU, torch.float32, 2, progress=False, share_prefixes=False).score(rows, "x", "row")
+    shared = CountsTokens(model)
+    scores = Scorer(shared, CPU, torch.float32, 2, progress=False).score(rows, "x", "row")
+    assert scores == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    for row, value in zip(rows, scores):
+        n = len(row.tokens)
+        assert value == pytest.approx(-hand_nats(model, row.tokens, 0, n, n - row.n_scored), rel=1e-5)
+    # the context runs once (all but its last token), then each of its endings after one token of it
+    assert shared.tokens < plain.tokens / 2
 
 
 def test_a_reply_longer_than_the_context_names_its_conversation(tmp_path):

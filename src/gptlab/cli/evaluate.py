@@ -23,7 +23,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate MODEL on one of: a text (loss, perplexity and bits per byte, which "
                                    "compare across vocabularies), multiple-choice records scored as "
                                    "lm-evaluation-harness does (acc, acc_norm), or conversations (hits@1: the true "
-                                   "reply against K-1 replies of other conversations).")
+                                   "reply against K-1 replies of other conversations, ranked by log-likelihood and "
+                                   "by log-likelihood per character).")
     p.add_argument("model", metavar="MODEL",
                    help="checkpoint or run directory, named model (smollm2-135m-instruct), Hugging Face directory, "
                         ".gguf file or hf:ORG/NAME")

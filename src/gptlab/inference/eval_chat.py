@@ -12,6 +12,10 @@ the reply is the text that rendering it adds after the generation prompt (its en
 marker included), tokenized as ``finetune sft`` tokenizes it. An item is a hit when the true
 reply scores strictly higher than every distractor; guessing scores 1/K.
 
+A summed log-likelihood favours short replies ("yeah", "haha") whatever the context, so
+``hits_at_1_norm`` also ranks the candidates by log-likelihood per character of the reply, as
+``acc_norm`` does the endings of a multiple-choice item.
+
 The true replies' log-likelihood also gives bits per byte of the replies: total bits over the
 UTF-8 bytes of the replies' contents, the same denominator for every model and template.
 """
@@ -121,6 +125,8 @@ class ChatResult:
     items: int
     k: int
     hits_at_1: float
+    hits_at_1_norm: float
+    """candidates ranked by log-likelihood per character of the reply"""
     chance: float
     reply_bits_per_byte: float
     """bits of the true replies (their end-of-turn marker included) per UTF-8 byte of their contents"""
@@ -139,6 +145,14 @@ def evaluate_chat(scorer: Scorer, tokenizer: Tokenizer, chat: ChatTemplate, dial
             for i, d in enumerate(items) for candidate in [d, *(dialogues[j] for j in distractors[i])]]
     logliks = scorer.score(rows, desc="eval chat", unit="reply")
     true = logliks[::k]  # each item's k rows start with its true reply
-    hits = sum(logliks[n * k] > max(logliks[n * k + 1 : (n + 1) * k]) for n in range(len(items)))
+    lengths = [len(d.reply) for i, d in enumerate(items) for d in [d, *(dialogues[j] for j in distractors[i])]]
+    per_char = [v / n for v, n in zip(logliks, lengths)]
     n_bytes = sum(len(d.reply.encode("utf-8")) for d in items)
-    return ChatResult(len(items), k, hits / len(items), 1 / k, -sum(true) / math.log(2) / n_bytes)
+    return ChatResult(len(items), k, hit_rate(logliks, k), hit_rate(per_char, k), 1 / k,
+                      -sum(true) / math.log(2) / n_bytes)
+
+
+def hit_rate(scores: list[float], k: int) -> float:
+    """The share of the groups of ``k`` scores whose first (the true reply's) is strictly the highest."""
+    groups = [scores[n : n + k] for n in range(0, len(scores), k)]
+    return sum(g[0] > max(g[1:]) for g in groups) / len(groups)

@@ -6,6 +6,11 @@ reads ``tokens[:-1]`` and predicts ``tokens[1:]``; the row's score is the summed
 of its last ``n_scored`` tokens. Rows of different lengths share a batch padded on the right:
 a causal model's outputs at real positions never see the padding after them, so no attention
 mask is needed and every row gets the numbers it would get alone.
+
+Rows that start with the same context (the endings of one multiple-choice item, the candidate
+replies of one conversation) share its forward pass: the context runs once into a KV cache, and
+each row runs only its own tokens after a copy of it. The scores are the same up to float
+rounding, and SmolLM2 scores held-out chitchat 2.1x as fast (benchmarks/eval_shared_prefix.py).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from tqdm import tqdm
 
 from gptlab.device import autocast
 from gptlab.errors import UserError
+from gptlab.model.kv_cache import KVCache
 from gptlab.tokenizers import Tokenizer
 from gptlab.tokenizers.base import AllowedSpecial
 from gptlab.tokenizers.chat_template import with_bos
@@ -50,6 +56,9 @@ class Scorer:
     bos_id: int | None = None
     """the id every row starts with where the model reads one (``chat_template.bos_id``): the
     tasks build their rows with it, so each window and record is read as the model was trained"""
+    share_prefixes: bool = True
+    """rows with the same tokens before their scored ones run those once (see the module
+    docstring), where the model has a KV cache"""
 
     def __post_init__(self) -> None:
         self.model.eval()  # dropout off: a score is a property of the weights, not of a random mask
@@ -60,15 +69,29 @@ class Scorer:
 
     def score(self, rows: list[Row], desc: str, unit: str) -> list[float]:
         """The summed log-likelihood (nats, <= 0) of each row's scored tokens, in ``rows``' order."""
+        groups, alone = self._shared_prefixes(rows)
         # Longest first, so that rows of similar length share a batch and little is padding.
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
+        order = sorted(alone, key=lambda i: -len(rows[i].tokens))
         out = [0.0] * len(rows)
         with tqdm(total=len(rows), desc=desc, unit=unit, disable=not self.progress, leave=False) as bar:
-            for chunk in self._batches(order, rows):
-                for i, value in zip(chunk, self._score_batch([rows[i] for i in chunk])):
+            work = [*((c, self._score_batch) for c in self._batches(order, rows)),
+                    *((g, self._score_shared) for g in groups)]
+            for chunk, score in work:
+                for i, value in zip(chunk, score([rows[i] for i in chunk])):
                     out[i] = value
                 bar.update(len(chunk))
         return out
+
+    def _shared_prefixes(self, rows: list[Row]) -> tuple[list[list[int]], set[int]]:
+        """Groups of two or more rows whose tokens before the scored ones are the same (and more
+        than one), and the indices of the other rows."""
+        if not (self.share_prefixes and hasattr(self.model, "new_kv_cache")):
+            return [], set(range(len(rows)))
+        by_prefix: dict[tuple[int, ...], list[int]] = {}
+        for i, row in enumerate(rows):
+            by_prefix.setdefault(tuple(row.tokens[: len(row.tokens) - row.n_scored]), []).append(i)
+        groups = [g for prefix, g in by_prefix.items() if len(g) > 1 and len(prefix) > 1]
+        return groups, set(range(len(rows))).difference(*groups)
 
     def _batches(self, order: list[int], rows: list[Row]) -> Iterator[list[int]]:
         """Runs of ``order`` (longest row first) of at most ``batch_size`` rows and, beyond one
@@ -84,7 +107,9 @@ class Scorer:
             yield batch
 
     @torch.no_grad()
-    def _score_batch(self, rows: list[Row]) -> list[float]:
+    def _score_batch(self, rows: list[Row], kv_cache: KVCache | None = None) -> list[float]:
+        """Each row's score; with ``kv_cache`` (one sequence per row), the rows' tokens come after
+        the cached ones."""
         width = max(len(r.tokens) for r in rows) - 1
         inputs = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), right-padded with id 0
         targets = torch.zeros_like(inputs)  # (B, T)
@@ -95,9 +120,25 @@ class Scorer:
             targets[b, :n] = torch.tensor(row.tokens[1:])
             scored[b, n - row.n_scored : n] = True
         with autocast(self.device, self.dtype):
-            logits = self.model(inputs.to(self.device))[0]  # (B, T, V)
+            cached = {} if kv_cache is None else {"kv_cache": kv_cache}
+            logits = self.model(inputs.to(self.device), **cached)[0]  # (B, T, V)
         logp = target_logprobs(logits, targets.to(self.device))  # (B, T) float32
         return torch.where(scored.to(self.device), logp, 0.0).double().sum(1).tolist()
+
+    @torch.no_grad()
+    def _score_shared(self, rows: list[Row]) -> list[float]:
+        """Rows that share their tokens before the scored ones: those but the last run once into a
+        KV cache; then, ``batch_size`` rows at a time, each row's last context token and scored
+        tokens run after a copy of it."""
+        start = len(rows[0].tokens) - rows[0].n_scored - 1  # the cached tokens
+        cache = self.model.new_kv_cache(max_len=start + max(r.n_scored for r in rows))
+        with autocast(self.device, self.dtype):
+            self.model(torch.tensor([rows[0].tokens[:start]], device=self.device), kv_cache=cache, last_only=True)
+        out: list[float] = []
+        for s in range(0, len(rows), self.batch_size):
+            part = [Row(r.tokens[start:], r.n_scored) for r in rows[s : s + self.batch_size]]
+            out += self._score_batch(part, cache.repeated(len(part)))
+        return out
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:

@@ -128,7 +128,8 @@ ROWS = (
     ("loss", "loss", "{:.4f} nats/token"), ("perplexity", "perplexity", "{:.3f}"),
     ("bits_per_byte", "bits per byte", "{:.4f}"),
     ("items", "items", "{:,}"), ("acc", "acc", "{:.4f}"), ("acc_norm", "acc_norm", "{:.4f}"), ("k", "k", "{}"),
-    ("hits_at_1", "hits@1", "{:.4f}"), ("chance", "chance", "{:.4f}"),
+    ("hits_at_1", "hits@1", "{:.4f}"), ("hits_at_1_norm", "hits@1 per char", "{:.4f}"),
+    ("chance", "chance", "{:.4f}"),
     ("reply_bits_per_byte", "reply bits/byte", "{:.4f}"),
 )
 

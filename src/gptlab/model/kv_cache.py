@@ -96,6 +96,19 @@ class KVCache:
         self.values[layer, :, :, self._length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def repeated(self, n: int) -> KVCache:
+        """A new cache holding ``n`` copies of this cache's one sequence, at the same length, with
+        room for as many more tokens: sequences that share a prefix run it once (``gptlab eval``
+        scores every ending of one context after its keys and values)."""
+        if self.keys is None or self.values is None or self.keys.size(1) != 1:
+            raise ValueError("only a cache holding one sequence, after a forward pass, can be repeated")
+        copy = KVCache.__new__(KVCache)
+        copy.__dict__.update(self.__dict__)
+        copy.keys = self.keys.expand(-1, n, -1, -1, -1).clone()  # (n_layer, n, K, max_len, D)
+        copy.values = self.values.expand(-1, n, -1, -1, -1).clone()
+        copy.position = None if self.position is None else self.position.clone()
+        return copy
+
     def rewind(self, length: int) -> None:
         """Keep only the first ``length`` tokens (speculative decoding drops the keys of draft
         tokens the model rejected); the slots after them are written over next."""
