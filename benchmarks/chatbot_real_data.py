@@ -8,17 +8,24 @@ and compare with SmolLM2-135M-Instruct on held-out conversations (issue 16, reci
 Stages (``--stage all`` runs them in this order; each is skipped when its result is in ``--out``,
 so an interrupted run goes on where it stopped; ``--force`` runs the chosen stages again):
 
-1. pretrain: a byte-level BPE tokenizer trained on ``english:train`` (4,096 tokens: at this model
+1. pretrain: a byte-level BPE tokenizer trained on the pretraining text (4,096 tokens: at this model
    size the embedding and the untied head are half the parameters; 8,192 tokens made a training
    step 1.26x as long for 8% more bytes per token on chitchat (3.40 against 3.15) and 11% on
    English prose, so 4,096 reads ~13% more text a second, and each token is seen more often),
-   ``english:train`` prepared into token shards, and a 4-layer, 192-wide model trained with the speedrun recipe
+   the text prepared into token shards, and a 4-layer, 192-wide model trained with the speedrun recipe
    (``--preset shakespeare-char``: RoPE, QK-norm, ReLU^2, Muon) at block 256. Its chat template
    (``tokenizer_config.json``, beside its weights) ends each assistant turn with
    ``<|endoftext|>``, so SFT teaches it to stop and ``gptlab chat`` knows where a reply ends.
+   The pretraining text is ``english:train`` and, unless ``--no-pretrain-chitchat``, ``chitchat``'s
+   train conversations written as the template writes them ("User: ..." / "Assistant: ..." lines),
+   documents shuffled together (``pretrain-mix.jsonl``): conversational text is what the held-out
+   test is about, and pretraining reads both speakers of every conversation.
 2. sft: ``gptlab finetune sft`` on ``chitchat`` train (``--chatterbot`` adds ChatterBot's). A
    chitchat conversation is ~30 turns, longer than the model's context, and SFT would cut it to
    its first 256 tokens; so each is split into runs of consecutive turns that fit (``chunks``).
+   The speakers of a chitchat conversation are two people alike, and SFT learns only the
+   assistant's turns; so each conversation is also taken with the roles swapped from its second
+   message on (``swap_speakers``; ``--one-speaker`` leaves it out), and every turn is trained.
 3. lora: SmolLM2-135M-Instruct with a LoRA on the same chitchat chunks, for ``--lora-minutes``
    (the ceiling).
 4. eval: ``gptlab eval MODEL --chat FILE --k 5`` on ``--eval-items`` held-out contexts of the
@@ -60,7 +67,7 @@ from chatbot_recipe import gptlab, pick_threads, run  # noqa: E402
 
 from gptlab.cache import atomic_write_text  # noqa: E402
 from gptlab.data.datasets import write_jsonl  # noqa: E402
-from gptlab.data.sources import fetch_source, load_corpus  # noqa: E402
+from gptlab.data.sources import fetch_source, open_corpus  # noqa: E402
 
 SMOL = "smollm2-135m-instruct"
 STAGES = ("pretrain", "sft", "lora", "eval", "transcripts")
@@ -108,6 +115,10 @@ class Plan:
     val_chunks: int
     lora_chunks: int
     chatterbot: bool
+    pretrain_chitchat: bool
+    """chitchat's train conversations in the pretraining text beside english:train"""
+    both_speakers: bool
+    """SFT also on each chitchat conversation with the roles swapped"""
     lora_batch: int
     calibrate_steps: tuple[int, int, int]
     """pretrain, sft, lora"""
@@ -124,6 +135,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 val_items=20 if smoke else 200, context_messages=5, max_reply_chars=400,
                 chunk_chars=CHUNK_CHARS, sft_chunks=800 if smoke else None, val_chunks=60 if smoke else 400,
                 lora_chunks=200 if smoke else 4000, chatterbot=args.chatterbot,
+                pretrain_chitchat=not args.no_pretrain_chitchat, both_speakers=not args.one_speaker,
                 lora_batch=2 if smoke else 8, calibrate_steps=(3, 3, 2) if smoke else (20, 16, 4),
                 transcripts=3 if smoke else 10,
                 smol_dtype=args.smol_dtype)
@@ -149,6 +161,14 @@ def chunks(messages: list[dict[str, str]], max_chars: int) -> list[list[dict[str
         out[-1] += pair
         size += n
     return out
+
+
+def swap_speakers(chat: Chat) -> Chat:
+    """The conversation from its second message on with user and assistant swapped: the other
+    person's turns become the replies to learn."""
+    flip = {"user": "assistant", "assistant": "user"}
+    return {"id": f"{chat['id']}~", "messages": [{"role": flip[m["role"]], "content": m["content"]}
+                                                 for m in chat["messages"][1:]]}
 
 
 def chunk_records(chats: list[Chat], max_chars: int, limit: int | None, seed: int) -> list[Chat]:
@@ -194,7 +214,8 @@ def write_data(out: Path, plan: Plan) -> None:
     if (out / "chitchat-eval.jsonl").exists():
         return
     train = read_chats("chitchat", "train")
-    sft = chunk_records(train, plan.chunk_chars, plan.sft_chunks, seed=0)
+    sft = chunk_records(train + ([swap_speakers(c) for c in train] if plan.both_speakers else []),
+                        plan.chunk_chars, plan.sft_chunks, seed=0)
     if plan.chatterbot:
         sft += chunk_records(read_chats("chatterbot", "train"), plan.chunk_chars, None, seed=0)
         random.Random(1).shuffle(sft)
@@ -285,8 +306,8 @@ def chat_eval(exe: str, model: str | Path, chat_file: Path, k: int, dtype: str) 
     proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     report["seconds"] = round(time.perf_counter() - start, 1)
-    print(f"  reply bits/byte {report['reply_bits_per_byte']:.4f}, hits@1 of {k} {report['hits_at_1']:.3f} "
-          f"({report['items']} items, {report['seconds']:.0f} s)", flush=True)
+    print(f"  reply bits/byte {report['reply_bits_per_byte']:.4f}, hits@1 of {k} {report['hits_at_1']:.3f}, per "
+          f"character {report['hits_at_1_norm']:.3f} ({report['items']} items, {report['seconds']:.0f} s)", flush=True)
     return report
 
 
@@ -296,20 +317,40 @@ def save_result(path: Path, figures: dict[str, Any]) -> None:
 
 # --- stages -------------------------------------------------------------------------------------
 
-def english_spec(out: Path, plan: Plan) -> str:
-    """``english:train``, or for a smoke run a file of its first characters (cut at a line break)."""
-    if plan.english_chars is None:
-        return "english:train"
-    text = load_corpus("english:train").text
-    path = out / "english-smoke.txt"
-    atomic_write_text(path, text[:text.find("\n", plan.english_chars) + 1])
+def conversation_text(chat: Chat) -> str:
+    """A conversation as the from-scratch chat template writes it, without end-of-turn markers
+    (the document separator ends it): "User: ..." and "Assistant: ..." lines."""
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in chat["messages"])
+
+
+def pretrain_corpus(out: Path, plan: Plan) -> str:
+    """OUT/pretrain-mix.jsonl: ``english:train``'s documents (for a smoke run its first
+    ``english_chars`` characters) and, with ``pretrain_chitchat``, chitchat's train conversations,
+    shuffled together (seed 0), one ``{"text"}`` record each; written once."""
+    path = out / "pretrain-mix.jsonl"
+    if path.exists():
+        return str(path)
+    docs, left = [], plan.english_chars
+    for doc in open_corpus("english:train").documents():
+        text = "".join(doc)
+        if left is not None:
+            text, left = text[:left], left - min(left, len(text))
+        if text:
+            docs.append(text)
+    if plan.pretrain_chitchat:
+        chats = read_chats("chitchat", "train")
+        docs += [conversation_text(c) for c in (chats[:400] if plan.smoke else chats)]
+    random.Random(0).shuffle(docs)
+    write_jsonl(out / ".pretrain-mix.jsonl", [{"text": d} for d in docs])
+    os.replace(out / ".pretrain-mix.jsonl", path)
+    print(f"{path}: {len(docs):,} documents, {sum(map(len, docs)):,} characters", flush=True)
     return str(path)
 
 
 def stage_pretrain(out: Path, plan: Plan, exe: str) -> dict[str, Any]:
     start = time.perf_counter()
     deadline = start + plan.pretrain_share * plan.budget_minutes * 60
-    corpus, tokenizer = english_spec(out, plan), out / "tokenizer.json"
+    corpus, tokenizer = pretrain_corpus(out, plan), out / "tokenizer.json"
     run([exe, "tokenizer", "train", "--corpus", corpus, "--vocab-size", str(plan.vocab_size), "--out", str(tokenizer),
          "--force"])
     run([exe, "prepare", "--corpus", corpus, "--tokenizer", str(tokenizer), "--out", str(out / "data"),
@@ -424,7 +465,8 @@ def print_table(out: Path, plan: Plan) -> None:
     n = sum(1 for _ in open(out / "chitchat-eval.jsonl"))
     print(f"\n{n} held-out chitchat contexts (test split, <= {plan.context_messages} messages of context), "
           f"true reply against 4 others: hits@1 of 5 (chance 0.200)")
-    print(f"{'model':<34} {'params':>8} {'planned':>9} {'reply bits/byte':>15} {'hits@1':>7} {'eval':>7}")
+    print(f"{'model':<34} {'params':>8} {'planned':>9} {'reply bits/byte':>15} {'hits@1':>7} {'per char':>8} "
+          f"{'eval':>7}")
     for key, label, _, _ in eval_models(out, plan):
         report = load_json(out / "eval" / f"{key}.json")
         done = [stages[s] for s in trained[key]]
@@ -433,7 +475,8 @@ def print_table(out: Path, plan: Plan) -> None:
             print(f"{label:<34} {'(not evaluated)':>8}")
             continue
         print(f"{label:<34} {report['parameters'] / 1e6:>7.1f}M {minutes:>9} {report['reply_bits_per_byte']:>15.4f} "
-              f"{report['hits_at_1']:>7.3f} {report['seconds']:>6.0f}s")
+              f"{report['hits_at_1']:>7.3f} {report.get('hits_at_1_norm', float('nan')):>8.3f} "
+              f"{report['seconds']:>6.0f}s")
     for name in ("pretrain", "sft"):
         s = stages[name]
         if s is not None:
@@ -441,7 +484,7 @@ def print_table(out: Path, plan: Plan) -> None:
                   f"{s['steps']:,} of {s['planned_steps']:,} planned steps ({s['planned_seconds'] / 60:.1f} min at "
                   f"{s['seconds_per_step']:.3f} s/step), {s['tokens']:,} tokens in {s['train_seconds'] / 60:.1f} min "
                   f"here ({s['tokens'] / s['train_seconds']:,.0f} tok/s); stage {s['wall_seconds'] / 60:.1f} min"
-                  + (f"; english validation {s['val_bits_per_byte']:.4f} bits/byte" if name == "pretrain" else ""))
+                  + (f"; pretraining validation {s['val_bits_per_byte']:.4f} bits/byte" if name == "pretrain" else ""))
     if stages["lora"] is not None:
         s = stages["lora"]
         print(f"lora: {s['steps']:,} of {s['planned_steps']:,} planned steps ({s['planned_seconds'] / 60:.1f} min), "
@@ -466,6 +509,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lora-minutes", type=float, default=None, help="minutes of SmolLM2's LoRA (default: 15)")
     ap.add_argument("--eval-items", type=int, default=None, help="held-out contexts (default: 500)")
     ap.add_argument("--chatterbot", action="store_true", help="add ChatterBot's train split to the SFT data")
+    ap.add_argument("--no-pretrain-chitchat", action="store_true",
+                    help="pretrain on english:train alone (default: chitchat's train conversations too)")
+    ap.add_argument("--one-speaker", action="store_true",
+                    help="SFT on the assistant's turns only (default: each conversation also with the roles swapped)")
     ap.add_argument("--smol-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="SmolLM2's precision in LoRA and eval (default: fp32, as the from-scratch model; bf16 is "
                          "~2.2x faster on a CPU with AMX and changes the figures a little)")
