@@ -27,7 +27,7 @@ so an interrupted run goes on where it stopped; ``--force`` runs the chosen stag
    assistant's turns; so each conversation is also taken with the roles swapped from its second
    message on (``swap_speakers``; ``--one-speaker`` leaves it out), and every turn is trained.
 3. lora: SmolLM2-135M-Instruct with a LoRA on the same chitchat chunks, for ``--lora-minutes``
-   (the ceiling).
+   (the ceiling), then merged into its weights (``lora-merged``) for eval and transcripts.
 4. eval: ``gptlab eval MODEL --chat FILE --k 5`` on ``--eval-items`` held-out contexts of the
    ``chitchat`` test split (``chitchat-eval.jsonl``): bits per byte of the true replies and hits@1
    of 5, for each model on the same items; one table.
@@ -388,6 +388,9 @@ def stage_lora(out: Path, plan: Plan, exe: str) -> dict[str, Any]:
     figures = train_until(cmd, out, "lora", start + plan.lora_minutes * 60, plan.calibrate_steps[2], evals=1,
                           warmup=10)
     figures["wall_seconds"] = round(time.perf_counter() - start)
+    # Scored merged: the same function at the base model's speed (the unmerged adapter's extra
+    # matmuls made scoring 3x slower)
+    run([exe, "merge", str(out / "lora"), "--out", str(out / "lora-merged"), "--force"])
     return figures
 
 
@@ -396,7 +399,7 @@ def eval_models(out: Path, plan: Plan) -> list[tuple[str, str, str | Path, str]]
     return [("scratch-pretrain", "from scratch, pretrained only", out / "pretrain", "fp32"),
             ("scratch-sft", "from scratch + SFT", out / "sft", "fp32"),
             ("smollm2", "SmolLM2-135M-Instruct zero-shot", SMOL, plan.smol_dtype),
-            ("smollm2-lora", "SmolLM2-135M-Instruct + LoRA", out / "lora", plan.smol_dtype)]
+            ("smollm2-lora", "SmolLM2-135M-Instruct + LoRA", out / "lora-merged", plan.smol_dtype)]
 
 
 def stage_eval(out: Path, plan: Plan, exe: str, force: bool) -> dict[str, Any]:
