@@ -333,6 +333,8 @@ def test_rows_that_share_a_context_score_as_alone_and_run_it_once(family):
     shared = CountsTokens(model)
     scores = Scorer(shared, CPU, torch.float32, 2, progress=False).score(rows, "x", "row")
     assert scores == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    tight = Scorer(model, CPU, torch.float32, 4, progress=False, max_tokens=10).score(rows, "x", "row")
+    assert tight == pytest.approx(expected, rel=1e-5, abs=1e-5)  # one ending per batch: the logits bound
     for row, value in zip(rows, scores):
         n = len(row.tokens)
         assert value == pytest.approx(-hand_nats(model, row.tokens, 0, n, n - row.n_scored), rel=1e-5)

@@ -128,16 +128,17 @@ class Scorer:
     @torch.no_grad()
     def _score_shared(self, rows: list[Row]) -> list[float]:
         """Rows that share their tokens before the scored ones: those but the last run once into a
-        KV cache; then, ``batch_size`` rows at a time, each row's last context token and scored
-        tokens run after a copy of it."""
+        KV cache; then each row's last context token and scored tokens run after a copy of it, in
+        batches bounded as ``_batches`` bounds them."""
         start = len(rows[0].tokens) - rows[0].n_scored - 1  # the cached tokens
         cache = self.model.new_kv_cache(max_len=start + max(r.n_scored for r in rows))
         with autocast(self.device, self.dtype):
             self.model(torch.tensor([rows[0].tokens[:start]], device=self.device), kv_cache=cache, last_only=True)
-        out: list[float] = []
-        for s in range(0, len(rows), self.batch_size):
-            part = [Row(r.tokens[start:], r.n_scored) for r in rows[s : s + self.batch_size]]
-            out += self._score_batch(part, cache.repeated(len(part)))
+        own = [Row(r.tokens[start:], r.n_scored) for r in rows]
+        out = [0.0] * len(rows)
+        for chunk in self._batches(sorted(range(len(own)), key=lambda i: -len(own[i].tokens)), own):
+            for i, value in zip(chunk, self._score_batch([own[i] for i in chunk], cache.repeated(len(chunk)))):
+                out[i] = value
         return out
 
 
