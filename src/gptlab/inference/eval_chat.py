@@ -141,12 +141,11 @@ def evaluate_chat(scorer: Scorer, tokenizer: Tokenizer, chat: ChatTemplate, dial
     items = dialogues[:limit]
     replies = [d.reply for d in dialogues]
     distractors = draw_distractors(replies, k, seed, len(items), path)
-    rows = [chat.reply_row(tokenizer, d, candidate, scorer.block_size, scorer.bos_id)
-            for i, d in enumerate(items) for candidate in [d, *(dialogues[j] for j in distractors[i])]]
+    pairs = [(d, candidate) for i, d in enumerate(items) for candidate in [d, *(dialogues[j] for j in distractors[i])]]
+    rows = [chat.reply_row(tokenizer, d, candidate, scorer.block_size, scorer.bos_id) for d, candidate in pairs]
     logliks = scorer.score(rows, desc="eval chat", unit="reply")
     true = logliks[::k]  # each item's k rows start with its true reply
-    lengths = [len(d.reply) for i, d in enumerate(items) for d in [d, *(dialogues[j] for j in distractors[i])]]
-    per_char = [v / n for v, n in zip(logliks, lengths)]
+    per_char = [v / len(candidate.reply) for v, (_, candidate) in zip(logliks, pairs)]
     n_bytes = sum(len(d.reply.encode("utf-8")) for d in items)
     return ChatResult(len(items), k, hit_rate(logliks, k), hit_rate(per_char, k), 1 / k,
                       -sum(true) / math.log(2) / n_bytes)
