@@ -16,9 +16,13 @@ bindings decode one sequence, so it is left out there).
   Linear, the head included, computed in int8 by fbgemm, smoothed by the calibration text).
 - bf16: the same with ``--dtype bf16`` (weights stored in bf16; fast where the CPU has AVX-512
   BF16 or AMX, emulated and slow elsewhere). Not in the default list.
+- int8-compiled: int8 and ``compile_decode`` together (``--quantize int8 --compile``): the
+  one-token step over a static KV cache compiled by torch.compile, fbgemm's product an operator
+  of the graph and the float work around it fused.
 - compiled: ``compile_decode`` (torch.compile of the one-token step over a static KV cache), fp32.
-  Its compile time is reported on its own: the first generation at each batch size (compiling)
-  minus a later one of the same length. Not in the default list (it takes minutes to compile).
+  Not in the default list.
+  Compile times are reported on their own: the first generation at each batch size (compiling)
+  minus a later one of the same length (a minute or two with an empty inductor cache).
 - transformers: built from gptlab's own Hugging Face export of the same checkpoint, fp32.
 - llama.cpp-f32, llama.cpp-q8_0, llama.cpp-q4_1: llama.cpp (through llama-cpp-python, when it is
   installed) running gptlab's own GGUF export of the same checkpoint at that storage type.
@@ -57,8 +61,9 @@ from gptlab.weights.load import load_checkpoint
 from gguf_llamacpp import greedy_timed  # this folder is on sys.path when a benchmark runs
 
 LLAMA_CPP = ("llama.cpp-f32", "llama.cpp-q8_0", "llama.cpp-q4_1")
-ENGINES = ("gptlab", "int8", "bf16", "compiled", "transformers", *LLAMA_CPP)
-DEFAULT = ("gptlab", "int8", "transformers", *LLAMA_CPP)
+COMPILED = ("compiled", "int8-compiled")
+ENGINES = ("gptlab", "int8", "int8-compiled", "bf16", "compiled", "transformers", *LLAMA_CPP)
+DEFAULT = ("gptlab", "int8", "int8-compiled", "transformers", *LLAMA_CPP)
 
 
 def ours(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
@@ -185,6 +190,11 @@ def build_engines(ckpt, names: list[str], args: argparse.Namespace, gguf_dir: st
     if "int8" in names:
         calibration = calibration_ids(ckpt.tokenizer, ckpt.config.block_size)
         engines["int8"] = (ours, prepare_for_decoding(copy.deepcopy(model), quantize="int8", calibration=calibration))
+    if "int8-compiled" in names:
+        calibration = calibration_ids(ckpt.tokenizer, ckpt.config.block_size)
+        int8 = prepare_for_decoding(copy.deepcopy(model), quantize="int8", calibration=calibration)
+        compile_decode(int8, mode=args.compile_mode)
+        engines["int8-compiled"] = (ours, int8)
     if "bf16" in names:
         engines["bf16"] = (ours, prepare_for_decoding(copy.deepcopy(model), "bf16"))
     if "compiled" in names:
@@ -226,7 +236,7 @@ def main() -> None:
     gguf_dir = tempfile.TemporaryDirectory()
     engines, versions = build_engines(ckpt, names, args, gguf_dir.name)
     weight_bytes = {name: (m.file_bytes if name in LLAMA_CPP else bytes_per_token(m))
-                    for name, (_, m) in engines.items() if name != "compiled"}
+                    for name, (_, m) in engines.items()}
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(1000, 20000, (1, args.prompt_tokens), generator=g)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
@@ -243,13 +253,13 @@ def main() -> None:
         agreement(engines, chat_prompts(ckpt, args.questions))
         batch8 = prompt.repeat(8, 1)
         for p, new in ((prompt, args.new_tokens), (batch8, args.new_tokens // 2)):
-            if "compiled" in engines:
+            for name in (n for n in COMPILED if n in engines):
                 # Compiling happens in the first run at a new batch size and cache length.
-                took = [ours(engines["compiled"][1], p, new) for _ in range(2)]
+                took = [ours(engines[name][1], p, new) for _ in range(2)]
                 total = [(new - 1) * p.size(0) / tps + ttft for ttft, tps in took]
-                print(f"compiled, batch {p.size(0)}: compile {total[0] - total[1]:.1f} s "
+                print(f"{name}, batch {p.size(0)}: compile {total[0] - total[1]:.1f} s "
                       f"(first run {total[0]:.1f} s, second {total[1]:.1f} s)", flush=True)
-        rounds({k: v for k, v in engines.items() if k != "compiled"}, prompt, 4, 1)  # warm-up (compiled just was)
+        rounds({k: v for k, v in engines.items() if k not in COMPILED}, prompt, 4, 1)  # warm-up (compiled just were)
         report(rounds(engines, prompt, args.new_tokens, args.repeat), 1, weight_bytes)
         batched = {k: v for k, v in engines.items() if k not in LLAMA_CPP}
         report(rounds(batched, batch8, args.new_tokens // 2, max(1, args.repeat // 2)), 8, weight_bytes)

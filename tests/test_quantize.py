@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +12,7 @@ from torch import nn
 
 from gptlab.errors import UserError
 from gptlab.inference import generate
+from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.engine import Engine, SamplingParams, prepare_for_decoding
 from gptlab.inference.quantize import (
     Int8Linear,
@@ -24,6 +27,7 @@ from gptlab.inference.quantize import (
 from gptlab.model import GPT, ModelConfig
 from gptlab.model.lora import LoRAConfig, add_lora, merge_lora
 from gptlab.tokenizers import CharTokenizer
+from test_kv_cache import compile_counting_graphs, greedy, record_calls
 
 CHARS = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz .,\n", special_tokens=["<|endoftext|>"])
 SHAPE = {"vocab_size": CHARS.vocab_size, "block_size": 32, "n_layer": 2, "n_embd": 64, "n_head": 4}
@@ -127,10 +131,57 @@ def test_a_merged_lora_model_quantizes_close_to_its_float_self():
     assert (logits - reference).norm() / reference.norm() < 0.1
 
 
-def test_quantized_decoding_is_not_compiled():
-    """torch.compile cannot trace fbgemm's packed weights: the pair is refused in one line."""
-    with pytest.raises(UserError, match="--compile and --quantize int8 do not combine"):
-        prepare_for_decoding(model_of(), compile=True, quantize="int8")
+def test_int8_decoding_compiles_into_one_graph_with_the_same_tokens():
+    """--compile beside --quantize int8: fbgemm's product is one operator of the graph
+    (gptlab::int8_product, which finds its layer by key), everything around it is traced, and
+    every decode step runs the one graph, giving eager int8's tokens. A copy of the model
+    computes with its own layers after the original is gone."""
+    model = quantize_int8(model_of())
+    prompt = torch.randint(0, CHARS.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
+    eager = greedy(model, prompt, 12, use_cache=True)
+    copy_of = copy.deepcopy(model)
+    del model
+    gc.collect()
+    graphs = compile_counting_graphs(copy_of)
+    calls = record_calls(copy_of)
+    assert greedy(copy_of, prompt, 12, use_cache=True) == eager
+    assert calls == [(5, True)] + [(1, True)] * 11
+    assert len(graphs) == 1
+    products = [n for n in graphs[0].graph.nodes if n.target is torch.ops.gptlab.int8_product]
+    assert len(products) == 2 * 4 + 1  # per block q/k/v joined, o, gate/up joined, down; the head
+    torch._dynamo.reset()
+
+
+def test_the_engine_compiles_an_int8_model():
+    model = model_of()
+    checkpoint = SimpleNamespace(model=model, tokenizer=CHARS, config=model.config, path=".", tokenizer_config=None)
+    engine = Engine(checkpoint, quantize="int8", compile=True)
+    assert isinstance(engine.model.lm_head, Int8Linear) and engine.model.new_kv_cache().static
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_inductor_compiled_int8_decoding_matches_eager_int8():
+    model = quantize_int8(model_of())
+    prompt = torch.randint(0, CHARS.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+    eager = greedy(model, prompt, 16, use_cache=True)
+    eager_cache = model.new_kv_cache()
+    with torch.no_grad():
+        eager_logits = [model(prompt, kv_cache=eager_cache)[0]]
+    torch._dynamo.reset()
+    compile_decode(model)
+    assert greedy(model, prompt, 16, use_cache=True) == eager
+    cache = model.new_kv_cache()
+    with torch.no_grad():
+        logits = [model(prompt, kv_cache=cache)[0]]
+        for t in eager[0][:8]:
+            step = torch.tensor([[t]])
+            eager_logits.append(model(step, kv_cache=eager_cache)[0])
+            logits.append(model(step, kv_cache=cache)[0])
+    # Inductor fuses the float steps around the products (its own order of float operations),
+    # so the logits agree to rounding, not bit for bit.
+    torch.testing.assert_close(torch.cat(logits, 1), torch.cat(eager_logits, 1), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
 
 
 def test_batches_decode_as_their_prompts_one_at_a_time():
@@ -170,10 +221,11 @@ def test_the_kernel_computes_the_rows_rounded_to_steps_of_1_127(split_sign):
     if not split_sign and reduce_range():
         pytest.skip("8-bit activations with zero point 127 can overflow fbgemm's 16-bit sums without VNNI")
     ql = Int8Linear.from_linear(nn.Linear(96, 40, bias=False))
+    ql._split_sign = split_sign
     rows = torch.rand(7, 96) * 2 - 1
     rows[:, 0] = 1.0  # every row spans [-1, 1], as the layer scales it
     expected = torch.round(rows * 127) / 127 @ ql.dequantized_weight().T
-    got = _int8_matmul(rows, ql._packed, split_sign)
+    got = _int8_matmul(rows, ql)
     assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 

@@ -8,6 +8,13 @@ step ``GPT.blocks_and_head`` (the blocks, the final norm and the head: only tens
 from one step to the next) is compiled once and reused at every length; a new batch size or
 cache length compiles once more. Everything else stays eager: prompts (prefill), calls without
 a cache and calls with autograd on. The tokens are the same as eager decoding's.
+
+An int8 model (``--quantize int8``) compiles too: fbgemm's product stays one operator of the
+graph and the float steps around it are fused, which is where int8 decoding spends most of its
+time (``gptlab.inference.quantize``). Fused float steps round in their own order, and int8
+rounds each activation to a grid, where a last-bit difference can move a value one step: the
+compiled int8 step's tokens are eager int8's except at near-ties of the two best logits
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

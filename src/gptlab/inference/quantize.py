@@ -43,13 +43,21 @@ Layers that read the same input (q, k and v; a gated MLP's gate and up) are join
 int8 matrix, computed in one call and cut apart after (``Int8Slice``): the same numbers, since
 each output row has its own scale and each token its own grid, in fewer calls. Decoding one
 token is hundreds of small calls, and each costs time beyond its arithmetic.
+
+That time is most of an int8 token's on a CPU without VNNI: the products are about a fifth of
+it, the float work around them (norms, attention, each layer's scaling of its rows) and the
+Python that calls it the rest. ``--compile`` beside ``--quantize int8``
+(``gptlab.inference.compiled_decode``) removes most of it: the product is an operator of the
+compiled graph (``gptlab::int8_product``) and everything else is fused around it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import re
+import weakref
 import warnings
 
 import torch
@@ -98,8 +106,8 @@ def reduce_range() -> bool:
     return not (probe is not None and probe())
 
 
-def _int8_matmul(rows: torch.Tensor, packed: torch.ScriptObject, split_sign: bool) -> torch.Tensor:
-    """rows (M, in) float32 within [-1, 1] times the packed int8 weight: (M, out) float32.
+def _int8_matmul(rows: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    """rows (M, in) float32 within [-1, 1] times ``layer``'s packed int8 weight: (M, out) float32.
 
     Each value is rounded to the nearest multiple of 1/127 (255 points from -1 to 1), the
     products summed in int32 and the sums scaled back by the two grids' steps. The grid is
@@ -112,12 +120,53 @@ def _int8_matmul(rows: torch.Tensor, packed: torch.ScriptObject, split_sign: boo
     into its positive part and its negated negative part, x = max(x, 0) - max(-x, 0), both on
     0..127 with zero point 0, computed in one call of 2M rows and subtracted. The rounded values
     are the same, so AVX2 and AVX-512 machines compute the same products.
+
+    These steps are plain tensor operations, which ``torch.compile`` fuses around the product;
+    the product itself is ``_packed_product``.
     """
-    if not split_sign:
-        return _QDQ_LINEAR(rows, 1.0 / QMAX, QMAX, packed)
+    if not layer._split_sign:
+        return _packed_product(rows, layer, QMAX)
     halves = torch.cat((rows, rows.neg())).clamp_min_(0)  # (2M, in), within [0, 1]
-    out = _QDQ_LINEAR(halves, 1.0 / QMAX, 0, packed)
+    out = _packed_product(halves, layer, 0)
     return out[: len(rows)] - out[len(rows):]
+
+
+#: every Int8Linear, by the key a compiled graph names it by (see ``_packed_product``)
+_COMPILABLE: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def _compilable(layer: Int8Linear) -> int:
+    """A new key for ``layer`` in ``_COMPILABLE`` (held weakly: a layer let go leaves it)."""
+    key = next(_KEYS)
+    _COMPILABLE[key] = layer
+    return key
+
+
+# The operator a compiled graph calls for the product. Defined on a Library (not with
+# torch.library.custom_op, whose Python wrapper cost 37 us a call here, the product itself 33).
+_LIBRARY = torch.library.Library("gptlab", "DEF")
+_LIBRARY.define("int8_product(Tensor rows, int key, int zero_point) -> Tensor")
+
+
+@torch.library.impl(_LIBRARY, "int8_product", "CPU")
+def _int8_product_op(rows: torch.Tensor, key: int, zero_point: int) -> torch.Tensor:
+    return _QDQ_LINEAR(rows, 1.0 / QMAX, zero_point, _COMPILABLE[key]._packed)
+
+
+@torch.library.register_fake("gptlab::int8_product")
+def _(rows: torch.Tensor, key: int, zero_point: int) -> torch.Tensor:
+    return rows.new_empty(rows.size(0), _COMPILABLE[key].out_features)
+
+
+def _packed_product(rows: torch.Tensor, layer: Int8Linear, zero_point: int) -> torch.Tensor:
+    """fbgemm's product of float rows, rounded on the grid of step 1/127 from ``zero_point``,
+    and ``layer``'s packed weight: (M, out) float32. In a graph ``torch.compile`` builds, the
+    product is an operator of its own (``gptlab::int8_product``) that names the layer by a key,
+    since the compiler cannot hold fbgemm's packed weights; eager calls fbgemm directly."""
+    if torch.compiler.is_compiling():
+        return torch.ops.gptlab.int8_product(rows, layer._compile_key, zero_point)
+    return _QDQ_LINEAR(rows, 1.0 / QMAX, zero_point, layer._packed)
 
 
 class Int8Linear(nn.Module):
@@ -142,6 +191,7 @@ class Int8Linear(nn.Module):
             qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero_points, 0)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
         self._split_sign = reduce_range()  # see _int8_matmul
+        self._compile_key = _compilable(self)  # how a compiled graph names this layer
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     @classmethod
@@ -175,6 +225,11 @@ class Int8Linear(nn.Module):
         w = q.float() * scale[:, None]
         return w if self.smooth is None else w * self.smooth
 
+    def __setstate__(self, state: dict) -> None:
+        # A copy (copy.deepcopy, pickle) is a layer of its own, and a graph must find it by its own key.
+        super().__setstate__(state)
+        self._compile_key = _compilable(self)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the int8 weights and their scales (the bias is a parameter, counted there)."""
@@ -189,7 +244,7 @@ class Int8Linear(nn.Module):
         if self.smooth is not None:
             rows = rows * self.smooth
         peak = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(TINY)  # max |x|
-        y = _int8_matmul(rows / peak, self._packed, self._split_sign).mul_(peak)
+        y = _int8_matmul(rows / peak, self).mul_(peak)
         if self.bias is not None:
             y.add_(self.bias)
         y = y.view(*x.shape[:-1], self.out_features)
