@@ -44,8 +44,8 @@ int8 matrix, computed in one call and cut apart after (``Int8Slice``): the same 
 each output row has its own scale and each token its own grid, in fewer calls. Decoding one
 token is hundreds of small calls, and each costs time beyond its arithmetic.
 
-That time is most of an int8 token's on a CPU without VNNI: the products are about a fifth of
-it, the float work around them (norms, attention, each layer's scaling of its rows) and the
+That time is most of an int8 token's on a CPU without VNNI: the products are about a quarter
+of it, the float work around them (norms, attention, each layer's scaling of its rows) and the
 Python that calls it the rest. ``--compile`` beside ``--quantize int8``
 (``gptlab.inference.compiled_decode``) removes most of it: the product is an operator of the
 compiled graph (``gptlab::int8_product``) and everything else is fused around it.
@@ -57,8 +57,8 @@ import contextlib
 import functools
 import itertools
 import re
-import weakref
 import warnings
+import weakref
 
 import torch
 from torch import nn
