@@ -347,8 +347,8 @@ SLOW_PREPARE = """import sys, time
 from gptlab.data import encoder_pool, pieces, prepare
 pieces.TASK_CHARS, pieces.PIECE_CHARS = 2000, 500
 encode = encoder_pool.encode_pieces
-def slow(p):
-    time.sleep(0.03)
+def slow(p):  # ~15 s in all: the test stops it after 3 of 20 shards, with seconds to spare on a busy CPU
+    time.sleep(0.15)
     return encode(p)
 encoder_pool.encode_pieces = slow
 prepare.prepare(sys.argv[1], sys.argv[2], sys.argv[3], workers=1, shard_tokens=3000, show_progress=False)
