@@ -343,12 +343,15 @@ def test_a_full_disk_leaves_no_partial_shard_says_what_is_needed_and_resumes(tmp
 # --- resuming after kill -9 ------------------------------------------------------------------------
 
 #: prepare in a child process whose encoding is slowed down, so it can be killed half-way
-SLOW_PREPARE = """import sys, time
+SLOW_PREPARE = """import signal, sys, time
+# Ctrl-C as a terminal delivers it: a shell starts background jobs with SIGINT ignored, and
+# Python then never raises KeyboardInterrupt (so a test run started in the background failed).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from gptlab.data import encoder_pool, pieces, prepare
 pieces.TASK_CHARS, pieces.PIECE_CHARS = 2000, 500
 encode = encoder_pool.encode_pieces
-def slow(p):  # ~15 s in all: the test stops it after 3 of 20 shards, with seconds to spare on a busy CPU
-    time.sleep(0.15)
+def slow(p):
+    time.sleep(0.03)
     return encode(p)
 encoder_pool.encode_pieces = slow
 prepare.prepare(sys.argv[1], sys.argv[2], sys.argv[3], workers=1, shard_tokens=3000, show_progress=False)
