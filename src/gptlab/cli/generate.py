@@ -51,9 +51,9 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=f"{DECODING_DTYPE_HELP} (default: auto)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the one-token decode step (torch.compile over a static KV cache): the same tokens, "
-                        "~1.2x faster decoding on a CPU (2x with --quantize int8), after a one-off compile of a minute "
-                        "or more")
+                   help="compile the one-token decode step (torch.compile over a static KV cache): the same tokens "
+                        "(with --quantize int8, but where two are near-tied), ~1.2x faster decoding on a CPU (2x with "
+                        "--quantize int8), after a one-off compile of a minute or more")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="compute every linear layer, the head included, in int8 on the CPU (fbgemm's kernels): a "
                         "quarter of the weight bytes per token, 1.3-2.3x faster decoding than fp32 (AVX2 to AVX-512 "

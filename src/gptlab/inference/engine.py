@@ -131,10 +131,11 @@ class Engine:
     quarter of the weight bytes read per token, and decoding 1.3-1.4x as fast as fp32 on an AVX2
     CPU, 2.3x on one with AVX-512 VNNI (benchmarks/RESULTS.md, "Decoding against llama.cpp").
     ``compile=True`` compiles the one-token decode step with torch.compile over a static KV
-    cache: the same tokens, decoding about 1.2x faster on a 2-core CPU in fp32 and 2x with int8
-    (whose time goes mostly to the float work around its products, which compiling fuses: 2.7x
-    fp32 on AVX2), but the first answer waits for the compile (one to three minutes, a few
-    seconds once inductor's on-disk cache has it), and so does the first at a new batch size.
+    cache: the same tokens (int8's may part at near-ties: ``compiled_decode``), decoding about
+    1.2x faster on a 2-core CPU in fp32 and 2x with int8 (whose time goes mostly to the float
+    work around its products, which compiling fuses: 2.7x fp32 on AVX2), but the first answer
+    waits for the compile (one to three minutes, a few seconds once inductor's on-disk cache
+    has it), and so does the first at a new batch size.
     Compiling is off by default for that reason (benchmarks/RESULTS.md).
     ``speculate=N`` drafts up to N tokens a step by prompt lookup (``gptlab.inference.speculative``)
     for greedy answers to one prompt at a time: the same tokens, fewer forward passes when the
