@@ -12,7 +12,6 @@ from torch import nn
 
 from gptlab.errors import UserError
 from gptlab.inference import generate
-from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.engine import Engine, SamplingParams, prepare_for_decoding
 from gptlab.inference.quantize import (
     Int8Linear,
@@ -27,7 +26,7 @@ from gptlab.inference.quantize import (
 from gptlab.model import GPT, ModelConfig
 from gptlab.model.lora import LoRAConfig, add_lora, merge_lora
 from gptlab.tokenizers import CharTokenizer
-from test_kv_cache import compile_counting_graphs, greedy, record_calls
+from test_kv_cache import assert_inductor_decode_matches_eager, compile_counting_graphs, greedy, record_calls
 
 CHARS = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz .,\n", special_tokens=["<|endoftext|>"])
 SHAPE = {"vocab_size": CHARS.vocab_size, "block_size": 32, "n_layer": 2, "n_embd": 64, "n_head": 4}
@@ -162,26 +161,9 @@ def test_the_engine_compiles_an_int8_model():
 
 @pytest.mark.slow
 def test_inductor_compiled_int8_decoding_matches_eager_int8():
-    model = quantize_int8(model_of())
+    """Inductor fuses the float steps around the products: eager int8's tokens, logits to 1e-4."""
     prompt = torch.randint(0, CHARS.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
-    eager = greedy(model, prompt, 16, use_cache=True)
-    eager_cache = model.new_kv_cache()
-    with torch.no_grad():
-        eager_logits = [model(prompt, kv_cache=eager_cache)[0]]
-    torch._dynamo.reset()
-    compile_decode(model)
-    assert greedy(model, prompt, 16, use_cache=True) == eager
-    cache = model.new_kv_cache()
-    with torch.no_grad():
-        logits = [model(prompt, kv_cache=cache)[0]]
-        for t in eager[0][:8]:
-            step = torch.tensor([[t]])
-            eager_logits.append(model(step, kv_cache=eager_cache)[0])
-            logits.append(model(step, kv_cache=cache)[0])
-    # Inductor fuses the float steps around the products (its own order of float operations),
-    # so the logits agree to rounding, not bit for bit.
-    torch.testing.assert_close(torch.cat(logits, 1), torch.cat(eager_logits, 1), rtol=1e-4, atol=1e-4)
-    torch._dynamo.reset()
+    assert_inductor_decode_matches_eager(quantize_int8(model_of()), prompt)
 
 
 def test_batches_decode_as_their_prompts_one_at_a_time():
