@@ -81,6 +81,21 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(workdir):
     assert_same_weights(workdir / "ddp", workdir / "one")
 
 
+def test_finetune_under_torchrun_claims_out_and_reports_once(workdir):
+    """Rank 0 alone replaces the earlier run in --out (the command joins the process group
+    first, as ``train`` does) and prints the report; every rank trains."""
+    gptlab("train", *TRAIN, "--corpus", "c.txt", "--batch-size", "8", "--out", "base")
+    chat = '{"messages": [{"role": "user", "content": "But soft?"}, {"role": "assistant", "content": "O Romeo."}]}'
+    (workdir / "chats.jsonl").write_text((chat + "\n") * 16)
+    sft = ["finetune", "sft", "base", "--data", "chats.jsonl", "--max-steps", "4", "--batch-size", "4",
+           "--no-progress", "--device", "cpu", "--out", "sft"]
+    gptlab(*sft)
+    two = gptlab(*sft, "--force", procs=2)
+    assert two.stdout.count("try: gptlab chat sft") == 1 and two.stdout.count("checkpoint:") == 1
+    assert [r["step"] for r in read_metrics(workdir / "sft" / "metrics.csv") if r.get("train_loss")][-1] == 4
+    assert (workdir / "sft" / "best" / "model.safetensors").exists()
+
+
 def test_mismatched_settings_stop_every_rank_with_one_message(workdir):
     """Two processes of one run started with different flags (as on two nodes): both stop, no hang."""
     port = free_port()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 from gptlab.cli.args import add_config_flags, fraction, given, positive_int, refuse_overwrite
@@ -43,15 +44,20 @@ def _finetune_sft(args: argparse.Namespace) -> int:
     from gptlab.config import finetune_config
     from gptlab.finetune.sft import SFTOptions, run_sft
     from gptlab.model.lora import LoRAConfig, lora_flag
+    from gptlab.train import distributed
 
     kind = "lora" if args.lora else "sft"
     cfg = finetune_config(kind, given(args, FINETUNE_TRAIN_FLAGS))
     lora = (LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                        targets=args.lora_targets).validate(lora_flag) if args.lora else None)
     options = SFTOptions(**given(args, SFT_FLAGS), lora=lora).validate(flag)
-    out = _finetune_out(args, kind)
-    start = time.perf_counter()
-    result = run_sft(args.model, args.data, out, cfg, options, show_progress=not args.no_progress)
+    # Under torchrun the command joins the process group first, so that rank 0 alone claims --out.
+    with distributed.process_group(cfg.device) as d:
+        out = distributed.decided_by_main(d, partial(_finetune_out, args, kind))
+        start = time.perf_counter()
+        result = run_sft(args.model, args.data, out, cfg, options, show_progress=not args.no_progress, d=d)
+    if not d.is_main:
+        return 130 if result.stopped == "interrupted" else 0
     if result.sample:
         print(f"\n--- a held-out question, answered ---\n{result.sample}\n-------------------------------------")
     code = _report_finetune(result, time.perf_counter() - start, "adapter" if args.lora else "checkpoint")
@@ -127,13 +133,17 @@ def _finetune_classify(args: argparse.Namespace) -> int:
 
     from gptlab.config import finetune_config
     from gptlab.finetune.classify import run_classify
+    from gptlab.train import distributed
 
     cfg = finetune_config("classify", given(args, FINETUNE_TRAIN_FLAGS))
-    out = _finetune_out(args, "classify")
-    start = time.perf_counter()
-    result = run_classify(args.model, args.data, out, cfg, val_data=args.val_data, val_fraction=args.val_fraction,
-                          classes=args.classes.split(",") if args.classes else None,
-                          train_last_blocks=args.train_last_blocks, show_progress=not args.no_progress)
+    with distributed.process_group(cfg.device) as d:  # as _finetune_sft: rank 0 alone claims --out
+        out = distributed.decided_by_main(d, partial(_finetune_out, args, "classify"))
+        start = time.perf_counter()
+        result = run_classify(args.model, args.data, out, cfg, val_data=args.val_data, val_fraction=args.val_fraction,
+                              classes=args.classes.split(",") if args.classes else None,
+                              train_last_blocks=args.train_last_blocks, show_progress=not args.no_progress, d=d)
+    if not d.is_main:
+        return 130 if result.run.stopped == "interrupted" else 0
     code = _report_finetune(result.run, time.perf_counter() - start, "classifier")
     print(f"try: gptlab classify {out} --text '...'")
     return code

@@ -39,7 +39,7 @@ from gptlab.device import pick_device
 from gptlab.errors import UserError
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import Tokenizer, load_tokenizer_file
-from gptlab.train.distributed import world_size
+from gptlab.train.distributed import Dist, world_size
 from gptlab.train.loop import Batch, Job, RunResult, run_job
 from gptlab.weights import checkpoint as ckpt
 from gptlab.weights.load import load_checkpoint
@@ -435,7 +435,8 @@ class ClassifyResult:
 
 def run_classify(model: str, data: str | Path, out: str | Path, cfg: TrainConfig, val_data: str | Path | None = None,
                  val_fraction: float = 0.1, classes: Sequence[str] | None = None,
-                 train_last_blocks: int | None = None, show_progress: bool = True) -> ClassifyResult:
+                 train_last_blocks: int | None = None, show_progress: bool = True,
+                 d: Dist | None = None) -> ClassifyResult:
     """``gptlab finetune classify``: fine-tune MODEL (any MODEL argument) into a classifier of
     ``data`` in run directory ``out``, then print the held-out accuracy and confusion matrix of
     its best checkpoint. The caller decides whether ``out`` may be written (see ``claim_out``)."""
@@ -454,11 +455,12 @@ def run_classify(model: str, data: str | Path, out: str | Path, cfg: TrainConfig
     torch.manual_seed(cfg.seed)  # the head's initial weights
     make_classifier(loaded.model, len(classes), train_last_blocks)
     run = run_job(classify_job(loaded.model, loaded.tokenizer, classes, train, val, cfg), cfg, out, None,
-                  show_progress)
+                  show_progress, d)
 
     best = load_classifier(out, pick_device(cfg.device))
     matrix = confusion_of(best, val, cfg.batch_size)
     report = format_report(classes, matrix)
-    print(f"{best.path}:\n{report}")
+    if d is None or d.is_main:
+        print(f"{best.path}:\n{report}")
     accuracy = sum(matrix[i][i] for i in range(len(classes))) / len(val)
     return ClassifyResult(run, best.path, classes, accuracy, matrix, report)

@@ -23,7 +23,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from gptlab.data.jsonl import jsonl_records
 from gptlab.errors import Problems, Settings, UserError, is_number
 from gptlab.tokenizers import Tokenizer
 from gptlab.tokenizers.chat_template import render_chat
+
+if TYPE_CHECKING:
+    from gptlab.train.distributed import Dist
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # targets the loss skips (cross_entropy's ignore_index)
@@ -287,10 +290,11 @@ def answer_loss(checkpoint, conversations: list[list[dict[str, str]]], batch_siz
 
 
 def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | None = None,
-            show_progress: bool = True):
+            show_progress: bool = True, d: Dist | None = None):
     """Fine-tune ``model`` (any MODEL argument) on the conversations in ``data`` with the one
     training loop; the result in ``out`` is a checkpoint (or, with LoRA, an adapter) that
-    ``chat``, ``serve``, ``sample`` and ``export`` accept. Returns the loop's ``RunResult``."""
+    ``chat``, ``serve``, ``sample`` and ``export`` accept. Returns the loop's ``RunResult``.
+    ``d``: the process group the caller joined under torchrun (see ``run_job``)."""
     from gptlab.inference.engine import Engine, SamplingParams
     from gptlab.model import lora as lora_lib
     from gptlab.tokenizers.chat_template import chat_format, checkpoint_chat_config
@@ -370,4 +374,4 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
                                           pad),
               save, description=f"fine-tuning {what} of {model} on {len(train_ex):,} conversations ({n_tokens:,} "
                                 f"tokens, {n_answer:,} of them answers)", sample=sample)
-    return run_job(job, cfg, out, None, show_progress)
+    return run_job(job, cfg, out, None, show_progress, d)
