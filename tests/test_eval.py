@@ -14,7 +14,8 @@ from torch import nn
 
 from gptlab.cli import main
 from gptlab.errors import UserError
-from gptlab.inference.eval_chat import ChatTemplate, draw_distractors, evaluate_chat, read_dialogues
+from gptlab.inference.eval_chat import (ChatTemplate, draw_distractors, evaluate_chat, is_hit, read_dialogues,
+                                        score_candidates)
 from gptlab.inference.eval_choices import evaluate_choices, harness_row, read_choices
 from gptlab.inference.eval_scoring import Row, Scorer
 from gptlab.inference.eval_text import check_window, evaluate_text, plan_windows
@@ -291,6 +292,20 @@ def test_hits_at_1_of_a_model_that_prefers_one_reply(tmp_path):
     assert result.hits_at_1 == pytest.approx(0.2)
     first = evaluate_chat(scorer(AvoidsModel("z")), CHARS, CHAT, dialogues, k=5, limit=1)
     assert (first.items, first.hits_at_1) == (1, 1.0)
+
+
+def test_candidate_scores_put_the_true_reply_first_and_say_who_won(tmp_path):
+    replies = ["ok", "zap", "a zed", "zoo.", "fizz"]
+    conversations = [[{"role": "user", "content": f"say {chr(97 + i)}"}, {"role": "assistant", "content": r}]
+                     for i, r in enumerate(replies)]
+    dialogues = read_dialogues(chat_file(tmp_path, conversations))
+    scores = score_candidates(scorer(AvoidsModel("z")), CHARS, CHAT, dialogues, k=5, limit=2)
+    assert [group[0] for group in scores.candidates] == dialogues[:2]
+    assert all(sorted(c.reply for c in group) == sorted(replies) for group in scores.candidates)
+    winners = [group[max(range(5), key=values.__getitem__)].reply
+               for group, values in zip(scores.candidates, scores.logliks)]
+    assert winners == ["ok", "ok"]  # the only reply without a z and the shortest
+    assert [is_hit(values) for values in scores.logliks] == [True, False]
 
 
 def test_hits_at_1_norm_ranks_replies_by_score_per_character(tmp_path):

@@ -135,23 +135,45 @@ class ChatResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class CandidateScores:
+    """Each item's ``k`` candidates (its true reply first) and their log-likelihoods (nats)."""
+
+    items: list[Dialogue]
+    candidates: list[list[Dialogue]]
+    """per item: the item itself (its true reply), then the conversations whose replies are its distractors"""
+    logliks: list[list[float]]
+
+
+def score_candidates(scorer: Scorer, tokenizer: Tokenizer, chat: ChatTemplate, dialogues: list[Dialogue],
+                     k: int = 5, seed: int = 0, limit: int | None = None, path: str = "--chat") -> CandidateScores:
+    """The log-likelihood of each candidate reply after each of the first ``limit`` dialogues."""
+    items = dialogues[:limit]
+    distractors = draw_distractors([d.reply for d in dialogues], k, seed, len(items), path)
+    candidates = [[d, *(dialogues[j] for j in distractors[i])] for i, d in enumerate(items)]
+    rows = [chat.reply_row(tokenizer, d, c, scorer.block_size, scorer.bos_id)
+            for d, group in zip(items, candidates) for c in group]
+    flat = scorer.score(rows, desc="eval chat", unit="reply")
+    return CandidateScores(items, candidates, [flat[n : n + k] for n in range(0, len(flat), k)])
+
+
 def evaluate_chat(scorer: Scorer, tokenizer: Tokenizer, chat: ChatTemplate, dialogues: list[Dialogue], k: int = 5,
                   seed: int = 0, limit: int | None = None, path: str = "--chat") -> ChatResult:
     """hits@1 of ``k`` candidates over the first ``limit`` dialogues (all by default)."""
-    items = dialogues[:limit]
-    replies = [d.reply for d in dialogues]
-    distractors = draw_distractors(replies, k, seed, len(items), path)
-    pairs = [(d, candidate) for i, d in enumerate(items) for candidate in [d, *(dialogues[j] for j in distractors[i])]]
-    rows = [chat.reply_row(tokenizer, d, candidate, scorer.block_size, scorer.bos_id) for d, candidate in pairs]
-    logliks = scorer.score(rows, desc="eval chat", unit="reply")
-    true = logliks[::k]  # each item's k rows start with its true reply
-    per_char = [v / len(candidate.reply) for v, (_, candidate) in zip(logliks, pairs)]
-    n_bytes = sum(len(d.reply.encode("utf-8")) for d in items)
-    return ChatResult(len(items), k, hit_rate(logliks, k), hit_rate(per_char, k), 1 / k,
+    scores = score_candidates(scorer, tokenizer, chat, dialogues, k, seed, limit, path)
+    per_char = [[v / len(c.reply) for v, c in zip(values, group)]
+                for values, group in zip(scores.logliks, scores.candidates)]
+    true = [values[0] for values in scores.logliks]
+    n_bytes = sum(len(d.reply.encode("utf-8")) for d in scores.items)
+    return ChatResult(len(scores.items), k, hit_rate(scores.logliks), hit_rate(per_char), 1 / k,
                       -sum(true) / math.log(2) / n_bytes)
 
 
-def hit_rate(scores: list[float], k: int) -> float:
-    """The share of the groups of ``k`` scores whose first (the true reply's) is strictly the highest."""
-    groups = [scores[n : n + k] for n in range(0, len(scores), k)]
-    return sum(g[0] > max(g[1:]) for g in groups) / len(groups)
+def is_hit(scores: list[float]) -> bool:
+    """Whether the first score (the true reply's) is strictly the highest of an item's."""
+    return scores[0] > max(scores[1:])
+
+
+def hit_rate(groups: list[list[float]]) -> float:
+    """The share of the items whose true reply scores strictly highest (``is_hit``)."""
+    return sum(map(is_hit, groups)) / len(groups)

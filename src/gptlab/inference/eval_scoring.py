@@ -15,8 +15,9 @@ rounding, and SmolLM2 scores held-out chitchat 2.1x as fast (benchmarks/eval_sha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +71,22 @@ class Scorer:
     def score(self, rows: list[Row], desc: str, unit: str) -> list[float]:
         """The summed log-likelihood (nats, <= 0) of each row's scored tokens, in ``rows``' order."""
         groups, alone = self._shared_prefixes(rows)
-        # Longest first, so that rows of similar length share a batch and little is padding.
-        order = sorted(alone, key=lambda i: -len(rows[i].tokens))
         out = [0.0] * len(rows)
         with tqdm(total=len(rows), desc=desc, unit=unit, disable=not self.progress, leave=False) as bar:
-            work = [*((c, self._score_batch) for c in self._batches(order, rows)),
-                    *((g, self._score_shared) for g in groups)]
-            for chunk, score in work:
-                for i, value in zip(chunk, score([rows[i] for i in chunk])):
+            shared = ((g, self._score_shared([rows[i] for i in g])) for g in groups)
+            for chunk, values in chain(self._longest_first(rows, alone, self._score_batch), shared):
+                for i, value in zip(chunk, values):
                     out[i] = value
                 bar.update(len(chunk))
         return out
+
+    def _longest_first(self, rows: list[Row], indices: Iterable[int],
+                       score_batch: Callable[[list[Row]], list[float]]) -> Iterator[tuple[list[int], list[float]]]:
+        """The rows at ``indices`` in batches (``_batches``), longest first so that rows of similar
+        length share a batch and little is padding: each batch's indices and ``score_batch``'s values."""
+        order = sorted(indices, key=lambda i: -len(rows[i].tokens))
+        for chunk in self._batches(order, rows):
+            yield chunk, score_batch([rows[i] for i in chunk])
 
     def _shared_prefixes(self, rows: list[Row]) -> tuple[list[list[int]], set[int]]:
         """Groups of two or more rows whose tokens before the scored ones are the same (and more
@@ -136,8 +142,9 @@ class Scorer:
             self.model(torch.tensor([rows[0].tokens[:start]], device=self.device), kv_cache=cache, last_only=True)
         own = [Row(r.tokens[start:], r.n_scored) for r in rows]
         out = [0.0] * len(rows)
-        for chunk in self._batches(sorted(range(len(own)), key=lambda i: -len(own[i].tokens)), own):
-            for i, value in zip(chunk, self._score_batch([own[i] for i in chunk], cache.repeated(len(chunk)))):
+        for chunk, values in self._longest_first(own, range(len(own)),
+                                                 lambda batch: self._score_batch(batch, cache.repeated(len(batch)))):
+            for i, value in zip(chunk, values):
                 out[i] = value
         return out
 
