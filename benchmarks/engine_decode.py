@@ -52,7 +52,7 @@ from torch import nn
 
 from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.engine import Engine, prepare_for_decoding
-from gptlab.inference.quantize import Int8Linear, calibration_ids
+from gptlab.inference.quantize import Int8Linear, checkpoint_calibration
 from gptlab.inference.sampling import generate
 from gptlab.weights.gguf_export import export_gguf
 from gptlab.weights.hf import export_hf
@@ -188,10 +188,10 @@ def build_engines(ckpt, names: list[str], args: argparse.Namespace, gguf_dir: st
     if "gptlab" in names:
         engines["gptlab"] = (ours, model)
     if "int8" in names:
-        calibration = calibration_ids(ckpt.tokenizer, ckpt.config.block_size)
+        calibration = checkpoint_calibration(ckpt)
         engines["int8"] = (ours, prepare_for_decoding(copy.deepcopy(model), quantize="int8", calibration=calibration))
     if "int8-compiled" in names:
-        calibration = calibration_ids(ckpt.tokenizer, ckpt.config.block_size)
+        calibration = checkpoint_calibration(ckpt)
         int8 = prepare_for_decoding(copy.deepcopy(model), quantize="int8", calibration=calibration)
         compile_decode(int8, mode=args.compile_mode)
         engines["int8-compiled"] = (ours, int8)

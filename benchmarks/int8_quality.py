@@ -42,7 +42,7 @@ from torch import nn
 
 from gptlab.data.prepare import split_point
 from gptlab.data.sources import load_corpus
-from gptlab.inference.quantize import calibration_ids, quantize_int8, quantize_weight, weight_bytes
+from gptlab.inference.quantize import checkpoint_calibration, quantize_int8, quantize_weight, weight_bytes
 from gptlab.weights.load import load_checkpoint
 
 from engine_decode import ours  # decode tok/s timed as the engine benchmark times it (this folder is on sys.path)
@@ -109,7 +109,7 @@ def main() -> None:
 
     ckpt = load_checkpoint(args.model)
     fp32 = ckpt.model.eval()
-    calibration = calibration_ids(ckpt.tokenizer, ckpt.config.block_size)
+    calibration = checkpoint_calibration(ckpt)
     variants = {"fp32": fp32, "int8": quantize_int8(copy.deepcopy(fp32), calibration),
                 "int8, not smoothed": quantize_int8(copy.deepcopy(fp32)),
                 "int8 weights only": weights_only(copy.deepcopy(fp32))}

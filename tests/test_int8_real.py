@@ -14,7 +14,7 @@ from gptlab.data.sources import load_corpus
 from gptlab.inference.engine import Engine, SamplingParams
 from gptlab.inference.eval_scoring import Scorer
 from gptlab.inference.eval_text import evaluate_text
-from gptlab.inference.quantize import calibration_ids, quantize_int8
+from gptlab.inference.quantize import checkpoint_calibration, quantize_int8
 from gptlab.weights.load import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def test_bits_per_byte_rise_by_at_most_one_percent(smollm2):
     held_out = text[split_point(text, 0.1):][:20_000]
     scores = {}
     # as --quantize int8 builds it: smoothed by the calibration text (unsmoothed, +1.03% on an AVX2 EPYC)
-    int8 = quantize_int8(copy.deepcopy(smollm2.model), calibration_ids(smollm2.tokenizer, smollm2.config.block_size))
+    int8 = quantize_int8(copy.deepcopy(smollm2.model), checkpoint_calibration(smollm2))
     for name, model in (("fp32", smollm2.model), ("int8", int8)):
         scorer = Scorer(model, torch.device("cpu"), torch.float32, batch_size=4, progress=False)
         scores[name] = evaluate_text(scorer, smollm2.tokenizer, held_out, "shakespeare-tiny", window=512).bits_per_byte

@@ -28,7 +28,7 @@ import torch
 from gptlab.device import pick_dtype
 from gptlab.errors import UserError
 from gptlab.inference.compiled_decode import compile_decode
-from gptlab.inference.quantize import calibration_ids, quantize_int8
+from gptlab.inference.quantize import checkpoint_calibration, quantize_int8
 from gptlab.inference.sampling import check_sampling_args, generate
 from gptlab.inference.speculative import SpeculationStats, generate_speculative
 from gptlab.tokenizers.chat_template import (
@@ -146,7 +146,7 @@ class Engine:
                  compile: bool = False, quantize: str | None = None, speculate: int = 0):
         if speculate < 0:
             raise UserError(f"speculate={speculate}: give the most draft tokens per step, 1 or more (0: off)")
-        calibration = calibration_ids(checkpoint.tokenizer, checkpoint.config.block_size) if quantize else None
+        calibration = checkpoint_calibration(checkpoint) if quantize else None
         self.model = prepare_for_decoding(checkpoint.model.to(device), dtype, compile, quantize, calibration)
         self.speculate = speculate
         self.speculation = SpeculationStats()  # what the drafts bought, over every answer so far

@@ -110,9 +110,9 @@ def _load(model: str, options: EvalOptions):
     precision = pick_dtype(options.dtype, device)
     checkpoint = load_checkpoint(model, device=device)
     if options.quantize == "int8":
-        from gptlab.inference.quantize import calibration_ids, quantize_int8
+        from gptlab.inference.quantize import checkpoint_calibration, quantize_int8
 
-        quantize_int8(checkpoint.model, calibration_ids(checkpoint.tokenizer, checkpoint.config.block_size))
+        quantize_int8(checkpoint.model, checkpoint_calibration(checkpoint))
     scorer = Scorer(checkpoint.model, device, precision.dtype, options.batch_size, options.progress,
                     bos_id=bos_id(checkpoint))
     return scorer, checkpoint, precision

@@ -360,6 +360,11 @@ def calibration_ids(tokenizer, block_size: int) -> torch.Tensor | None:
     return torch.tensor([ids[:block_size]]) if len(ids) >= 2 else None
 
 
+def checkpoint_calibration(checkpoint) -> torch.Tensor | None:
+    """``calibration_ids`` for a loaded checkpoint: its tokenizer, at most its context."""
+    return calibration_ids(checkpoint.tokenizer, checkpoint.config.block_size)
+
+
 def quantize_int8(model: nn.Module, calibration: torch.Tensor | None = None) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` in ``model.layers`` and the output head by int8
     layers (``Int8Linear``; layers that read one input joined, see the module); return the
