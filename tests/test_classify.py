@@ -47,8 +47,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_gpt(dropout: float = 0.0, seed: int = 0) -> GPT:
-    model_cfg, _ = resolve_config("tiny", model_overrides={"vocab_size": TOKENIZER.vocab_size, "block_size": 48,
+def tiny_gpt(dropout: float = 0.0, seed: int = 0, vocab_size: int = TOKENIZER.vocab_size) -> GPT:
+    model_cfg, _ = resolve_config("tiny", model_overrides={"vocab_size": vocab_size, "block_size": 48,
                                                            "dropout": dropout})
     torch.manual_seed(seed)
     return GPT(model_cfg)
@@ -118,6 +118,31 @@ def test_save_load_predict_round_trip(tmp_path):
     # The embedding was not saved as the head: the checkpoint keeps both, untied.
     weights = load_file(str(tmp_path / "c" / ckpt.WEIGHTS))
     assert weights["lm_head.weight"].shape == (3, model.config.n_embd) and "lm_head.bias" in weights
+
+
+def test_a_base_that_reads_a_bos_puts_one_before_every_text_in_training_and_prediction(tmp_path):
+    """Gemma's settings (add_bos_token): the classifier keeps them and reads "<bos> text" as its
+    base was pretrained to, in training, evaluation and `gptlab classify` alike."""
+    tok = CharTokenizer.train("".join(t for t, _ in toy_examples(500)) + "x", special_tokens=["<|endoftext|>", "<bos>"])
+    bos = tok.token_id("<bos>")
+    seqs, cut = cls.encode_texts(tok, ["good", "x" * 60], block_size=48, bos=bos)
+    assert seqs == [[bos, *tok.encode("good")], [bos, *tok.encode("x" * 47)]] and cut == 1
+    base = tmp_path / "base"
+    ckpt.save_checkpoint(base, tiny_gpt(vocab_size=tok.vocab_size), tok,
+                         extra_json={ckpt.CHAT_CONFIG: {"bos_token": "<bos>", "add_bos_token": True}})
+    data = write_csv(tmp_path / "reviews.csv", toy_examples(40))
+    cls.run_classify(str(base), data, tmp_path / "run", train_cfg(max_steps=2, eval_interval=2, warmup_steps=1),
+                     val_fraction=0.2, show_progress=False)
+    loaded = cls.load_classifier(tmp_path / "run")
+    assert loaded.bos == bos
+    texts = ["the film was lovely", "awful, my day"]
+    probs = cls.class_probabilities(loaded.model, [[bos, *tok.encode(t)] for t in texts], 0)
+    best, idx = probs.max(-1)
+    assert cls.predict(loaded, texts) == [(loaded.classes[i], p) for i, p in zip(idx.tolist(), best.tolist())]
+    # A base without those settings reads no BOS.
+    plain = tmp_path / "plain"
+    cls.save_classifier(plain, cls.make_classifier(tiny_gpt(), 2), TOKENIZER, ["neg", "pos"])
+    assert cls.load_classifier(plain).bos is None
 
 
 def test_a_checkpoint_without_classes_is_refused(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,6 +97,26 @@ def test_template_that_rewrites_earlier_turns_is_refused(bpe):
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
+
+
+@pytest.mark.parametrize("add_bos, template", [
+    (True, None), (True, "{{ bos_token }}" + BUILTIN_TEMPLATE), (False, None)])
+def test_sft_trains_on_the_prompt_the_engine_sends_bos_included(add_bos, template):
+    """A model that reads a BOS (Gemma's add_bos_token) gets exactly one in front of what it is
+    fine-tuned on, as the engine puts one in front of its chat prompts: the first answer is
+    trained after the very ids ``gptlab chat`` would prompt it with."""
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.:?!\n", special_tokens=["<bos>"])
+    model = GPT(ModelConfig.for_family("llama", vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1,
+                                       n_embd=16, block_size=128))
+    config = {"bos_token": "<bos>", "eos_token": "", "add_bos_token": add_bos, "chat_template": template}
+    checkpoint = SimpleNamespace(model=model, tokenizer=tok, config=model.config, path=".", tokenizer_config=config)
+    convo = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "Fine."}]
+    example = sft.render_for(checkpoint, [convo], 128).examples[0]
+    prompt = Engine(checkpoint).chat_prompt(convo[:1], 8).ids
+    assert example.ids[:len(prompt)] == prompt and not any(example.mask[:len(prompt)])
+    assert example.ids.count(tok.token_id("<bos>")) == (1 if add_bos or template else 0)
+    assert masked_text(tok, example, 1) == [" Hello.\n", " Fine.\n"]
 
 
 def test_reads_chat_jsonl_and_alpaca(tmp_path):

@@ -39,6 +39,7 @@ from gptlab.device import pick_device
 from gptlab.errors import UserError
 from gptlab.model.transformer import GPT
 from gptlab.tokenizers import Tokenizer, load_tokenizer_file
+from gptlab.tokenizers.chat_template import bos_of, chat_config, checkpoint_chat_config, with_bos
 from gptlab.train.distributed import Dist, world_size
 from gptlab.train.loop import Batch, Job, RunResult, run_job
 from gptlab.weights import checkpoint as ckpt
@@ -207,8 +208,9 @@ def class_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 # --- batches ---------------------------------------------------------------------------------
 
 def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], block_size: int,
-                 sources: Sequence[str] | None = None) -> tuple[list[list[int]], int]:
-    """Token ids of each text, cut to the first ``block_size`` tokens; and how many were cut."""
+                 sources: Sequence[str] | None = None, bos: int | None = None) -> tuple[list[list[int]], int]:
+    """Token ids of each text, with ``bos`` in front where the model reads one (``bos_id``), cut
+    to the first ``block_size`` tokens; and how many were cut."""
     seqs, truncated = [], 0
     for i, text in enumerate(texts):
         where = sources[i] if sources is not None else f"text {i + 1}"
@@ -218,6 +220,7 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], block_size: int,
             raise UserError(f"{where}: {e}") from None
         if not ids:
             raise UserError(f"{where}: the text encodes to no tokens; give a non-empty text")
+        ids = with_bos(ids, bos)
         truncated += len(ids) > block_size
         seqs.append(ids[:block_size])
     return seqs, truncated
@@ -295,25 +298,30 @@ def _pad_id(tokenizer: Tokenizer) -> int:
 # --- the job ---------------------------------------------------------------------------------
 
 def save_classifier(path: Path, model: GPT, tokenizer: Tokenizer, classes: Sequence[str],
-                    train_config: dict[str, Any] | None = None, train_state: dict[str, Any] | None = None) -> None:
-    """A normal checkpoint directory plus ``classes.json``."""
-    ckpt.save_checkpoint(path, model, tokenizer, train_config, train_state, extra_json={CLASSES: list(classes)})
+                    train_config: dict[str, Any] | None = None, train_state: dict[str, Any] | None = None,
+                    chat: dict[str, Any] | None = None) -> None:
+    """A normal checkpoint directory plus ``classes.json``, and the base model's chat settings
+    (``chat``: its BOS among them) where it has any."""
+    extra = {CLASSES: list(classes), **({ckpt.CHAT_CONFIG: chat} if chat else {})}
+    ckpt.save_checkpoint(path, model, tokenizer, train_config, train_state, extra_json=extra)
 
 
 def classify_job(model: GPT, tokenizer: Tokenizer, classes: Sequence[str], train: Sequence[Example],
-                 val: Sequence[Example], cfg: TrainConfig) -> Job:
-    """The loop's job for a model already given its class head (``make_classifier``).
+                 val: Sequence[Example], cfg: TrainConfig, chat: dict[str, Any] | None = None) -> Job:
+    """The loop's job for a model already given its class head (``make_classifier``); ``chat``:
+    the base model's chat settings (``checkpoint_chat_config``), which say whether texts start
+    with a BOS and are kept with the classifier.
 
     Evaluations use fixed, seeded samples of at most ``cfg.eval_batches`` batches of each part
     (the same examples every time, classes mixed even if a file is sorted by label); the held-out
     part also gives ``val_accuracy``.
     """
     index = {c: i for i, c in enumerate(classes)}
-    block, pad_id = model.config.block_size, _pad_id(tokenizer)
+    block, pad_id, bos = model.config.block_size, _pad_id(tokenizer), bos_of(chat or {}, tokenizer)
     parts = {}
     truncated = 0
     for split, examples in (("train", train), ("val", val)):
-        seqs, cut = encode_texts(tokenizer, [e.text for e in examples], block, [e.where for e in examples])
+        seqs, cut = encode_texts(tokenizer, [e.text for e in examples], block, [e.where for e in examples], bos)
         parts[split] = (seqs, [index[e.label] for e in examples])
         truncated += cut
 
@@ -338,7 +346,7 @@ def classify_job(model: GPT, tokenizer: Tokenizer, classes: Sequence[str], train
                         "(drop --fsdp)")
 
     def save(path: Path, train_state: dict[str, Any] | None, weights=None, folders=None) -> None:
-        save_classifier(path, model, tokenizer, classes, cfg.to_dict() if train_state else None, train_state)
+        save_classifier(path, model, tokenizer, classes, cfg.to_dict() if train_state else None, train_state, chat)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cut = f"; {truncated:,} texts cut to {block} tokens" if truncated else ""
@@ -381,6 +389,8 @@ class Classifier:
     model: GPT
     tokenizer: Tokenizer
     classes: list[str]
+    bos: int | None = None
+    """the id in front of every text, where the base model reads one (``bos_id``)"""
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> Classifier:
@@ -398,14 +408,15 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", prefer
         raise UserError(f"{ckpt_dir / CLASSES} must be a list of at least two class names")
     model = make_classifier(GPT(ckpt.load_model_config(ckpt_dir)), len(classes))
     ckpt.load_weights(model, ckpt_dir)
-    return Classifier(ckpt_dir, model.to(device).eval(), load_tokenizer_file(ckpt_dir / ckpt.TOKENIZER), classes)
+    tokenizer = load_tokenizer_file(ckpt_dir / ckpt.TOKENIZER)
+    return Classifier(ckpt_dir, model.to(device).eval(), tokenizer, classes, bos_of(chat_config(ckpt_dir), tokenizer))
 
 
 def confusion_of(classifier: Classifier, examples: Sequence[Example], batch_size: int = 32) -> list[list[int]]:
     """The confusion matrix (``confusion_matrix``) of ``classifier`` on labelled ``examples``,
     whose labels are among its classes (``read_labelled(path, classifier.classes)``)."""
     seqs, _ = encode_texts(classifier.tokenizer, [e.text for e in examples], classifier.model.config.block_size,
-                           [e.where for e in examples])
+                           [e.where for e in examples], classifier.bos)
     predicted = class_probabilities(classifier.model, seqs, _pad_id(classifier.tokenizer), batch_size).argmax(-1)
     true = [classifier.classes.index(e.label) for e in examples]
     return confusion_matrix(true, predicted.tolist(), len(classifier.classes))
@@ -414,7 +425,7 @@ def confusion_of(classifier: Classifier, examples: Sequence[Example], batch_size
 def predict(classifier: Classifier, texts: Sequence[str], batch_size: int = 32) -> list[tuple[str, float]]:
     """The most likely class of each text and its probability; texts longer than the model's
     context are cut to their first ``block_size`` tokens, as in training."""
-    seqs, _ = encode_texts(classifier.tokenizer, texts, classifier.model.config.block_size)
+    seqs, _ = encode_texts(classifier.tokenizer, texts, classifier.model.config.block_size, bos=classifier.bos)
     probs = class_probabilities(classifier.model, seqs, _pad_id(classifier.tokenizer), batch_size)
     best, idx = probs.max(-1)
     return [(classifier.classes[i], p) for i, p in zip(idx.tolist(), best.tolist())]
@@ -454,8 +465,8 @@ def run_classify(model: str, data: str | Path, out: str | Path, cfg: TrainConfig
     loaded = load_checkpoint(model)
     torch.manual_seed(cfg.seed)  # the head's initial weights
     make_classifier(loaded.model, len(classes), train_last_blocks)
-    run = run_job(classify_job(loaded.model, loaded.tokenizer, classes, train, val, cfg), cfg, out, None,
-                  show_progress, d)
+    job = classify_job(loaded.model, loaded.tokenizer, classes, train, val, cfg, checkpoint_chat_config(loaded))
+    run = run_job(job, cfg, out, None, show_progress, d)
 
     best = load_classifier(out, pick_device(cfg.device))
     matrix = confusion_of(best, val, cfg.batch_size)

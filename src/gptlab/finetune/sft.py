@@ -30,7 +30,7 @@ import torch
 from gptlab.data.jsonl import jsonl_records
 from gptlab.errors import Problems, Settings, UserError, is_number
 from gptlab.tokenizers import Tokenizer
-from gptlab.tokenizers.chat_template import render_chat
+from gptlab.tokenizers.chat_template import bos_id, chat_format, render_chat, with_bos
 
 if TYPE_CHECKING:
     from gptlab.train.distributed import Dist
@@ -121,8 +121,10 @@ def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
 # --- rendering --------------------------------------------------------------------------------
 
 def render_example(messages: list[dict[str, str]], tokenizer: Tokenizer, template: str,
-                   variables: dict[str, Any] | None = None) -> Example:
-    """Token ids and the assistant mask of one conversation (see the module docstring)."""
+                   variables: dict[str, Any] | None = None, bos: int | None = None) -> Example:
+    """Token ids and the assistant mask of one conversation (see the module docstring), with one
+    ``bos`` in front where the model reads one (``with_bos``: the template's own or this one), so
+    the text trained on starts as the engine's prompt does."""
     variables = variables or {}
     ids: list[int] = []
     mask: list[int] = []
@@ -145,7 +147,8 @@ def render_example(messages: list[dict[str, str]], tokenizer: Tokenizer, templat
         add(prompt[len(done):], 0)
         add(full[len(prompt):], 1)
         done = full
-    return Example(ids, mask)
+    front = with_bos(ids, bos)
+    return Example(front, [0] * (len(front) - len(ids)) + mask)
 
 
 @dataclass
@@ -156,12 +159,12 @@ class RenderReport:
 
 
 def render_all(conversations: list[list[dict[str, str]]], tokenizer: Tokenizer, template: str,
-               variables: dict[str, Any], max_length: int) -> RenderReport:
+               variables: dict[str, Any], max_length: int, bos: int | None = None) -> RenderReport:
     """Render every conversation, cutting each to ``max_length`` tokens (the model sees
     ``max_length - 1`` inputs); one left with no answer token to learn from is dropped."""
     examples, truncated, dropped = [], 0, 0
     for messages in conversations:
-        ex = render_example(messages, tokenizer, template, variables)
+        ex = render_example(messages, tokenizer, template, variables, bos)
         if len(ex.ids) > max_length:
             truncated += 1
             ex = Example(ex.ids[:max_length], ex.mask[:max_length])
@@ -170,6 +173,13 @@ def render_all(conversations: list[list[dict[str, str]]], tokenizer: Tokenizer, 
             continue
         examples.append(ex)
     return RenderReport(examples, truncated, dropped)
+
+
+def render_for(checkpoint, conversations: list[list[dict[str, str]]], max_length: int) -> RenderReport:
+    """``render_all`` as a loaded checkpoint is talked to: its chat template (``chat_format``)
+    and its BOS (``bos_id``), exactly what ``gptlab chat`` prompts it with."""
+    template, variables = chat_format(checkpoint)
+    return render_all(conversations, checkpoint.tokenizer, template, variables, max_length, bos_id(checkpoint))
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -273,12 +283,8 @@ class SFTOptions(Settings):
 @torch.no_grad()
 def answer_loss(checkpoint, conversations: list[list[dict[str, str]]], batch_size: int = 8) -> float:
     """Mean loss per answer token of a loaded checkpoint on ``conversations`` (what SFT lowers)."""
-    from gptlab.tokenizers.chat_template import chat_format
-
-    template, variables = chat_format(checkpoint)
     model = checkpoint.model.eval()
-    examples = render_all(conversations, checkpoint.tokenizer, template, variables,
-                          model.config.block_size + 1).examples
+    examples = render_for(checkpoint, conversations, model.config.block_size + 1).examples
     total, count = 0.0, 0
     for b in range(0, len(examples), batch_size):
         x, y = collate(examples[b:b + batch_size])
@@ -297,7 +303,7 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
     ``d``: the process group the caller joined under torchrun (see ``run_job``)."""
     from gptlab.inference.engine import Engine, SamplingParams
     from gptlab.model import lora as lora_lib
-    from gptlab.tokenizers.chat_template import chat_format, checkpoint_chat_config
+    from gptlab.tokenizers.chat_template import checkpoint_chat_config
     from gptlab.train.distributed import world_size
     from gptlab.train.loop import Job, run_job
     from gptlab.weights import checkpoint as ckpt
@@ -310,7 +316,6 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
     base = load_checkpoint(model)
     net, tokenizer = base.model.float(), base.tokenizer
     chat = checkpoint_chat_config(base)
-    template, variables = chat_format(base)
     max_length = options.max_length or min(net.config.block_size, 2048)
     if max_length > net.config.block_size:
         raise UserError(f"--max-length {max_length} exceeds the model's context of {net.config.block_size} tokens")
@@ -322,7 +327,7 @@ def run_sft(model: str, data: str, out: str | Path, cfg, options: SFTOptions | N
         train_convs, val_convs = split_holdout(conversations, options.val_fraction, cfg.seed)
     rendered = {}
     for split, convs in (("train", train_convs), ("val", val_convs)):
-        report = render_all(convs, tokenizer, template, variables, max_length + 1)
+        report = render_for(base, convs, max_length + 1)
         if report.truncated or report.dropped:
             print(f"{split}: {report.truncated} of {len(convs)} conversations were longer than {max_length} tokens "
                   f"and were cut; {report.dropped} had no answer left and were dropped")

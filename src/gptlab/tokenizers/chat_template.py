@@ -211,8 +211,12 @@ def bos_id(checkpoint) -> int | None:
     every window and record of ``gptlab eval``), or None: the chat settings' bos_token where they
     say add_bos_token (Gemma, Llama 2). Such models were trained with it at position 0 and read
     text without it badly; transformers and llama.cpp put it there too."""
-    config = checkpoint_chat_config(checkpoint)
-    return checkpoint.tokenizer.special_tokens.get(config.get("bos_token")) if config.get("add_bos_token") else None
+    return bos_of(checkpoint_chat_config(checkpoint), checkpoint.tokenizer)
+
+
+def bos_of(config: dict[str, Any], tokenizer) -> int | None:
+    """``bos_id`` from chat settings (``chat_config``) and the tokenizer they go with."""
+    return tokenizer.special_tokens.get(config.get("bos_token")) if config.get("add_bos_token") else None
 
 
 def with_bos(ids: list[int], bos: int | None) -> list[int]:
