@@ -182,7 +182,8 @@ def reply_items(chats: list[Chat], n: int, context_messages: int, max_reply_char
     """``n`` held-out items: an assistant turn of at most ``max_reply_chars`` characters (the
     reply to select) after at most ``context_messages`` messages of its conversation, starting
     with the user's, and of at most ``MAX_CONTEXT_CHARS`` (earlier pairs dropped to fit). One item
-    per conversation first, then a second, ... until there are ``n``."""
+    per conversation first, then a second, ... until there are ``n``; the items of one
+    conversation share its ``conversation`` ID, so none is another's distractor."""
     rng = random.Random(seed)
     order = list(chats)
     rng.shuffle(order)
@@ -202,7 +203,8 @@ def reply_items(chats: list[Chat], n: int, context_messages: int, max_reply_char
                 start += start % 2  # user turns are the even ones
                 while sum(len(m["content"]) for m in chat["messages"][start:i]) > MAX_CONTEXT_CHARS:
                     start += 2
-                items.append({"id": f"{chat['id']}@{i}", "messages": chat["messages"][start:i + 1]})
+                items.append({"id": f"{chat['id']}@{i}", "conversation": chat["id"],
+                              "messages": chat["messages"][start:i + 1]})
     if len(items) < n:
         raise SystemExit(f"only {len(items)} held-out items with a reply of <= {max_reply_chars} characters; "
                          f"ask for fewer (--eval-items)")

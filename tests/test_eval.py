@@ -14,8 +14,8 @@ from torch import nn
 
 from gptlab.cli import main
 from gptlab.errors import UserError
-from gptlab.inference.eval_chat import (ChatTemplate, draw_distractors, evaluate_chat, is_hit, read_dialogues,
-                                        score_candidates)
+from gptlab.inference.eval_chat import (ChatTemplate, Dialogue, draw_distractors, evaluate_chat, is_hit,
+                                        read_dialogues, score_candidates)
 from gptlab.inference.eval_choices import evaluate_choices, harness_row, read_choices
 from gptlab.inference.eval_scoring import Row, Scorer
 from gptlab.inference.eval_text import check_window, evaluate_text, plan_windows
@@ -368,13 +368,33 @@ def test_a_reply_longer_than_the_context_names_its_conversation(tmp_path):
 
 def test_distractors_are_seeded_distinct_and_independent_of_limit():
     replies = [f"reply {chr(97 + i % 26)}{i}" for i in range(40)] + ["reply a0"]  # one duplicate text
-    drawn = draw_distractors(replies, 5, seed=1, n_items=41, path="f")
-    assert drawn == draw_distractors(replies, 5, seed=1, n_items=41, path="f")
-    assert drawn != draw_distractors(replies, 5, seed=2, n_items=41, path="f")
-    assert draw_distractors(replies, 5, seed=1, n_items=7, path="f") == drawn[:7]
+    dialogues = [Dialogue(f"f:{i + 1}", [], r) for i, r in enumerate(replies)]
+    drawn = draw_distractors(dialogues, 5, seed=1, n_items=41, path="f")
+    assert drawn == draw_distractors(dialogues, 5, seed=1, n_items=41, path="f")
+    assert drawn != draw_distractors(dialogues, 5, seed=2, n_items=41, path="f")
+    assert draw_distractors(dialogues, 5, seed=1, n_items=7, path="f") == drawn[:7]
     for i, chosen in enumerate(drawn):
         texts = [replies[j] for j in chosen]
         assert len(chosen) == 4 and len(set(texts)) == 4 and replies[i] not in texts
+
+
+def test_items_of_one_conversation_are_never_each_others_distractors(tmp_path):
+    """Items cut from one conversation at several depths share a "conversation" ID; each draws
+    its distractors from the other conversations only, and a file without IDs draws as before."""
+    lines = [{"conversation": f"c{i // 4}", "messages": [{"role": "user", "content": f"q{i}"},
+                                                         {"role": "assistant", "content": f"reply {i}"}]}
+             for i in range(12)]  # three conversations of four items
+    dialogues = read_dialogues(write_jsonl(tmp_path / "items.jsonl", lines))
+    assert [d.conversation for d in dialogues] == [f"c{i // 4}" for i in range(12)]
+    drawn = draw_distractors(dialogues, 5, seed=0, n_items=12, path="f")
+    assert all(dialogues[j].conversation != dialogues[i].conversation for i, js in enumerate(drawn) for j in js)
+    anonymous = [Dialogue(d.where, d.context, d.reply) for d in dialogues]
+    assert any(j // 4 == i // 4 for i, js in enumerate(draw_distractors(anonymous, 5, 0, 12, "f")) for j in js)
+    # Two conversations of four items leave each item four replies of the other: enough for k = 5, not 6.
+    draw_distractors(dialogues[:8], 5, seed=0, n_items=8, path="f")
+    with pytest.raises(UserError, match=r"items.jsonl:1: conversation 'c0' leaves 4 different replies of other "
+                                        "conversations, fewer than the 5 distractors of --k 6"):
+        draw_distractors(dialogues[:8], 6, seed=0, n_items=8, path="f")
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -444,6 +464,8 @@ BAD_MESSAGES = [{"role": "user", "content": "hi"}]
     (["--chat"], '{"messages": "hi"}\n', "mc.jsonl:1: expected an object with a 'messages' list"),
     (["--chat"], '{"messages": [{"role": "user"}]}\n', "mc.jsonl:1: message 1 must be an object with string"),
     (["--chat"], json.dumps({"messages": BAD_MESSAGES}) + "\n", "mc.jsonl:1: the conversation has no assistant"),
+    (["--chat"], json.dumps({"messages": CONVERSATIONS[0], "conversation": [1]}) + "\n",
+     "mc.jsonl:1: 'conversation' must be a string or an integer ID"),
     (["--chat"], "".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS[:3]),
      "holds 3 conversation(s), fewer than the 5 candidates of --k 5"),
     (["--chat", "--k", "3"], "".join(json.dumps({"messages": m}) + "\n" for m in [CONVERSATIONS[0]] * 4),

@@ -6,7 +6,10 @@ JSONL that ``gptlab finetune sft`` reads). Its last assistant message is the tru
 messages before it are the context. K - 1 distractors are the true replies of other
 conversations, drawn from the whole file with a generator seeded by ``seed`` and the item's
 index, so an item's candidates do not change with ``limit``; a distractor never has the true
-reply's text (identical texts would tie). Each candidate is scored by the model's
+reply's text (identical texts would tie). A file may hold several items cut from one
+conversation (its replies at several depths); lines that say so with the same
+``"conversation": ID`` are never each other's distractors, which would be on the item's own
+topic. Each candidate is scored by the model's
 log-likelihood of the reply's tokens after the context rendered in the model's chat template:
 the reply is the text that rendering it adds after the generation prompt (its end-of-turn
 marker included), tokenized as ``finetune sft`` tokenizes it. An item is a hit when the true
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,8 @@ class Dialogue:
     """the messages before the reply"""
     reply: str
     """the content of the last assistant message"""
+    conversation: str | None = None
+    """the record's ``conversation`` ID: items with the same one are cut from one conversation"""
 
 
 def read_dialogues(path: str | Path) -> list[Dialogue]:
@@ -65,33 +71,60 @@ def _split_record(value: Any, where: str) -> Dialogue:
     if not messages[last]["content"].strip():
         raise UserError(f"{where}: the last assistant message (message {last + 1}) is empty; there is no reply to "
                         "select")
+    conversation = value.get("conversation")
+    if conversation is not None and (isinstance(conversation, bool) or not isinstance(conversation, (str, int))):
+        raise UserError(f"{where}: 'conversation' must be a string or an integer ID (records with the same one are "
+                        "items of one conversation)")
     context = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
-    return Dialogue(where, context, messages[last]["content"])
+    return Dialogue(where, context, messages[last]["content"], None if conversation is None else str(conversation))
 
 
-def check_candidates(replies: list[str], k: int, path: str) -> None:
-    """Refuse a file with fewer than ``k`` conversations, or fewer than ``k`` different replies."""
+def check_candidates(dialogues: list[Dialogue], k: int, path: str) -> None:
+    """Refuse a file with fewer than ``k`` conversations, fewer than ``k`` different replies, or
+    an item with fewer than ``k - 1`` replies of other conversations to draw from."""
+    replies = [d.reply for d in dialogues]
     if len(replies) < k:
         raise UserError(f"{path} holds {len(replies)} conversation(s), fewer than the {k} candidates of --k {k}; "
                         "give more conversations or a smaller --k")
     if len(set(replies)) < k:
         raise UserError(f"{path} holds {len(set(replies))} different replies, fewer than the {k} candidates of "
                         f"--k {k}; give more conversations or a smaller --k")
+    for d, available in zip(dialogues, _other_replies(dialogues)):
+        if available < k - 1:
+            raise UserError(f"{d.where}: conversation {d.conversation!r} leaves {available} different replies of other "
+                            f"conversations, fewer than the {k - 1} distractors of --k {k}; give more conversations "
+                            "or a smaller --k")
 
 
-def draw_distractors(replies: list[str], k: int, seed: int, n_items: int, path: str) -> list[list[int]]:
-    """For each of the first ``n_items`` conversations, the indices of ``k - 1`` others whose
-    replies differ from its own and from each other (see the module docstring)."""
-    check_candidates(replies, k, path)
+def _other_replies(dialogues: list[Dialogue]) -> list[int]:
+    """For each dialogue, how many different reply texts other conversations have, its own
+    reply's text left out: what its distractors can be drawn from."""
+    owners: dict[str, set[str | None]] = {}  # reply text -> the conversations it is a reply of
+    for d in dialogues:
+        owners.setdefault(d.reply, set()).add(d.conversation)
+    only_in: Counter[str] = Counter()  # conversation -> the texts no other conversation has
+    for convs in owners.values():
+        if len(convs) == 1 and None not in convs:
+            only_in[next(iter(convs))] += 1
+    # A dialogue without an ID is its own conversation: only its own text is left out.
+    return [len(owners) - (0 if d.conversation is None else only_in[d.conversation])
+            - (d.conversation is None or len(owners[d.reply]) > 1) for d in dialogues]
+
+
+def draw_distractors(dialogues: list[Dialogue], k: int, seed: int, n_items: int, path: str) -> list[list[int]]:
+    """For each of the first ``n_items`` dialogues, the indices of ``k - 1`` others of other
+    conversations whose replies differ from its own and from each other (see the module
+    docstring)."""
+    check_candidates(dialogues, k, path)
     drawn = []
     for i in range(n_items):
         rng = random.Random(f"{seed}:{i}")  # a string seed is hashed the same way on every run and machine
-        chosen, texts = [], {replies[i]}
+        chosen, texts, own = [], {dialogues[i].reply}, dialogues[i].conversation
         while len(chosen) < k - 1:
-            j = rng.randrange(len(replies))
-            if replies[j] not in texts:
+            j = rng.randrange(len(dialogues))
+            if dialogues[j].reply not in texts and (own is None or dialogues[j].conversation != own):
                 chosen.append(j)
-                texts.add(replies[j])
+                texts.add(dialogues[j].reply)
         drawn.append(chosen)
     return drawn
 
@@ -149,7 +182,7 @@ def score_candidates(scorer: Scorer, tokenizer: Tokenizer, chat: ChatTemplate, d
                      k: int = 5, seed: int = 0, limit: int | None = None, path: str = "--chat") -> CandidateScores:
     """The log-likelihood of each candidate reply after each of the first ``limit`` dialogues."""
     items = dialogues[:limit]
-    distractors = draw_distractors([d.reply for d in dialogues], k, seed, len(items), path)
+    distractors = draw_distractors(dialogues, k, seed, len(items), path)
     candidates = [[d, *(dialogues[j] for j in distractors[i])] for i, d in enumerate(items)]
     rows = [chat.reply_row(tokenizer, d, c, scorer.block_size, scorer.bos_id)
             for d, group in zip(items, candidates) for c in group]

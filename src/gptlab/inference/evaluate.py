@@ -94,7 +94,7 @@ def _chat_task(path: str, options: EvalOptions) -> Task:
 
     dialogues = read_dialogues(path)
     k, seed = 5 if options.k is None else options.k, options.seed or 0
-    check_candidates([d.reply for d in dialogues], k, path)
+    check_candidates(dialogues, k, path)
     return lambda scorer, ckpt: evaluate_chat(scorer, ckpt.tokenizer, ChatTemplate(*chat_format(ckpt)), dialogues,
                                               k, seed, options.limit, path)
 
