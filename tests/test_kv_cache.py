@@ -184,6 +184,17 @@ def test_compiled_decode_is_one_graph_for_every_step_and_gives_the_same_tokens(v
     assert greedy(model, prompt, 20, use_cache=True) == eager
     assert calls == [(5, True)] + [(1, True)] * 19
     assert len(graphs) == 1  # 19 decode steps, one graph: no step recompiled
+    # The next turns of a chat: longer prompts, so longer caches. The same graph serves them
+    # (with the first length fixed, the second compiled again).
+    for n in (9, 30):
+        longer = tokens(2, n)
+        assert greedy(model, longer, 12, use_cache=True) == greedy(model_of(variant), longer, 12, True)
+    assert len(graphs) == 1
+    # A batch of another size compiles once more, then serves every length too.
+    for n in (5, 9):
+        batch = tokens(3, n)
+        assert greedy(model, batch, 12, use_cache=True) == greedy(model_of(variant), batch, 12, True)
+    assert len(graphs) == 2
     torch._dynamo.reset()
 
 

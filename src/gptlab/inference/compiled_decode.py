@@ -5,9 +5,18 @@ small kernels cost more in Python and launch overhead than in arithmetic. ``torc
 fuses them into one graph, but a graph is built for fixed shapes, and a growing KV cache changes
 shape every step. A static cache (``KVCache(static=True)``) keeps every shape fixed, so the
 step ``GPT.blocks_and_head`` (the blocks, the final norm and the head: only tensors vary there
-from one step to the next) is compiled once and reused at every length; a new batch size or
-cache length compiles once more. Everything else stays eager: prompts (prefill), calls without
-a cache and calls with autograd on. The tokens are the same as eager decoding's.
+from one step to the next) is compiled once and reused at every step. Everything else stays
+eager: prompts (prefill), calls without a cache and calls with autograd on. The tokens are the
+same as eager decoding's.
+
+Each answer's cache is as long as its prompt and answer, so the next turn of a chat, or the next
+request to a server, brings a new cache length. So the step marks the cache's length (its
+slots, and the masks over them) as a symbolic size for dynamo: one graph serves every length,
+and every other size (layers, heads, widths) stays a constant the graph is specialised to. With
+the first length fixed instead, the step compiled again at the second: SmolLM2 int8 on a 2-core
+AVX2 CPU waited 84 s before a chat's first answer and 85 s more before its second; with the
+mark, 86 s once, and it decodes as fast (benchmarks/compile_shapes.py). A new batch size still
+compiles once more (after which dynamo makes the batch symbolic too).
 
 An int8 model (``--quantize int8``) compiles too: fbgemm's product stays one operator of the
 graph and the float steps around it are fused, which is where int8 decoding spends most of its
@@ -30,8 +39,9 @@ from gptlab.model.transformer import GPT
 
 
 def compile_decode(model: GPT, **options: Any) -> None:
-    """Compile ``model``'s one-token decode step, in place (``options`` such as ``mode`` or
-    ``backend`` go to ``torch.compile``); from now on ``model.new_kv_cache`` gives static caches.
+    """Compile ``model``'s one-token decode step, in place, for every cache length (``options``
+    such as ``mode`` or ``backend`` go to ``torch.compile``); from now on ``model.new_kv_cache``
+    gives static caches.
 
     The model keeps its forward pass, so its checks, masks, cache bookkeeping and hooks stay the
     one path; only its blocks-and-head stage is swapped, on this instance, for one that takes the
@@ -47,7 +57,20 @@ def compile_decode(model: GPT, **options: Any) -> None:
         # step is for inference: with autograd on, its in-place cache writes would clash with
         # the saved tensors of a backward graph.
         step = kv_cache is not None and kv_cache.static and x.size(1) == 1 and not torch.is_grad_enabled()
+        if step:
+            length_is_symbolic(kv_cache, mask)
         return (compiled if step else eager)(x, rope, mask, kv_cache, last_only)
 
     model.blocks_and_head = blocks_and_head
     model.new_kv_cache = partial(GPT.new_kv_cache, model, static=True)
+
+
+def length_is_symbolic(cache: KVCache, mask: dict[str, torch.Tensor | None]) -> None:
+    """Tell dynamo that the cache's slot count (dim 3 of its (layer, B, K, slots, D) tensors) and
+    the masks' last dim, the same size, may change between calls: a hint it keeps on each tensor,
+    so the graph is traced with one symbol for them instead of the first call's number."""
+    torch._dynamo.maybe_mark_dynamic(cache.keys, 3)
+    torch._dynamo.maybe_mark_dynamic(cache.values, 3)
+    for m in mask.values():
+        if m is not None:
+            torch._dynamo.maybe_mark_dynamic(m, m.dim() - 1)

@@ -8,8 +8,10 @@ own ("decode", one token).
 A *static* cache keeps every shape fixed: each layer attends over all ``max_len`` slots, with the
 slots not yet written hidden by the causal mask (they lie after every query), and new keys are
 written at a position held in a tensor, not a Python int. A one-token decode step then has the
-same shapes at every length, so ``torch.compile`` builds it once (fixed shapes are also what
-CUDA graphs need); a growing cache would change shape, and so recompile, every step.
+same shapes at every step of an answer, so ``torch.compile`` builds it once (fixed shapes are
+also what CUDA graphs need); a growing cache would change shape, and so recompile, every step.
+Caches of another length (the next answer's) are served by the same graph because
+``compile_decode`` marks the slot count symbolic.
 """
 
 from __future__ import annotations
