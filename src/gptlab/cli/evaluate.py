@@ -35,8 +35,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                       help='multiple-choice JSONL: {"context": ..., "endings": [...], "label": INDEX} per line')
     task.add_argument("--chat", metavar="FILE",
                       help='chat JSONL: {"messages": [{"role": ..., "content": ...}, ...]} per line; the last '
-                           "assistant message is the reply to select; lines with the same \"conversation\": ID (items of one "
-                           "conversation) are never each other's distractors")
+                           "assistant message is the reply to select; lines with the same "
+                           "\"conversation\": ID (items of one conversation) are never each other's distractors")
     p.add_argument("--window", type=positive_int, metavar="N", default=None,
                    help="--corpus: input tokens per window (at most the model's block size; default: the block size, "
                         "or fewer where a window's logits would pass 2 GiB: 2,048 for Gemma 3's vocabulary)")

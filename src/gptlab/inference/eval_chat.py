@@ -9,11 +9,13 @@ index, so an item's candidates do not change with ``limit``; a distractor never 
 reply's text (identical texts would tie). A file may hold several items cut from one
 conversation (its replies at several depths); lines that say so with the same
 ``"conversation": ID`` are never each other's distractors, which would be on the item's own
-topic. Each candidate is scored by the model's
-log-likelihood of the reply's tokens after the context rendered in the model's chat template:
-the reply is the text that rendering it adds after the generation prompt (its end-of-turn
-marker included), tokenized as ``finetune sft`` tokenizes it. An item is a hit when the true
-reply scores strictly higher than every distractor; guessing scores 1/K.
+topic.
+
+Each candidate is scored by the model's log-likelihood of the reply's tokens after the context
+rendered in the model's chat template: the reply is the text that rendering it adds after the
+generation prompt (its end-of-turn marker included), tokenized as ``finetune sft`` tokenizes it.
+An item is a hit when the true reply scores strictly higher than every distractor; guessing
+scores 1/K.
 
 A summed log-likelihood favours short replies ("yeah", "haha") whatever the context, so
 ``hits_at_1_norm`` also ranks the candidates by log-likelihood per character of the reply, as
