@@ -34,8 +34,9 @@ import torch
 from gptlab.inference import compiled_decode
 from gptlab.inference.compiled_decode import compile_decode
 from gptlab.inference.engine import Engine, SamplingParams
-from gptlab.inference.sampling import generate
 from gptlab.weights.load import load_checkpoint
+
+from engine_decode import ours  # this folder is on sys.path when a benchmark runs
 
 MODEL = "smollm2-135m-instruct"
 TURNS = ["Hi! Can you help me plan a picnic?", "What food should I bring for four people?",
@@ -88,23 +89,13 @@ def in_fresh_process(way: str, new: int, threads: int) -> dict:
     return json.loads(out.splitlines()[-1])
 
 
-def decode_speed(engine: Engine, prompt: torch.Tensor, new: int) -> float:
-    """Tokens/s of greedy decoding of a (B, T) prompt after the first token (``new`` tokens a
-    row, EOS ignored), summed over the rows."""
-    first = None
-    for i, _ in enumerate(generate(engine.model, prompt, new, temperature=0.0)):
-        if i == 0:
-            first = time.perf_counter()
-    return (new - 1) * prompt.size(0) / (time.perf_counter() - first)
-
-
 def speeds_in_turns(prompt: torch.Tensor, new: int, repeat: int) -> dict[str, list[float]]:
     engines = {way: engine_for() for way in WAYS}
     runs = {way: [] for way in WAYS}
     for n in range(repeat + 1):  # the first round compiles
         for way, engine in engines.items():
             with way_of(way):
-                speed = decode_speed(engine, prompt, new)
+                _, speed = ours(engine.model, prompt, new)  # tokens/s after the first, EOS ignored
             if n:
                 runs[way].append(speed)
     return runs
@@ -146,6 +137,7 @@ def main() -> None:
     print_speeds(f"decode at the first turn's length ({len(ids)}-token prompt, {args.new} new)",
                  speeds_in_turns(torch.tensor([ids]), args.new, args.repeat))
     print_speeds(f"a batch of 8 such prompts ({args.new} new)", speeds_in_turns(torch.tensor([ids] * 8), args.new, 3))
+
 
 if __name__ == "__main__":
     main()

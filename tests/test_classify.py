@@ -34,7 +34,8 @@ def toy_examples(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-TOKENIZER = CharTokenizer.train("".join(t for t, _ in toy_examples(500)) + "x", special_tokens=["<|endoftext|>"])
+CHARS = "".join(t for t, _ in toy_examples(500)) + "x"  # every character of the toy texts
+TOKENIZER = CharTokenizer.train(CHARS, special_tokens=["<|endoftext|>"])
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +124,7 @@ def test_save_load_predict_round_trip(tmp_path):
 def test_a_base_that_reads_a_bos_puts_one_before_every_text_in_training_and_prediction(tmp_path):
     """Gemma's settings (add_bos_token): the classifier keeps them and reads "<bos> text" as its
     base was pretrained to, in training, evaluation and `gptlab classify` alike."""
-    tok = CharTokenizer.train("".join(t for t, _ in toy_examples(500)) + "x", special_tokens=["<|endoftext|>", "<bos>"])
+    tok = CharTokenizer.train(CHARS, special_tokens=["<|endoftext|>", "<bos>"])
     bos = tok.token_id("<bos>")
     seqs, cut = cls.encode_texts(tok, ["good", "x" * 60], block_size=48, bos=bos)
     assert seqs == [[bos, *tok.encode("good")], [bos, *tok.encode("x" * 47)]] and cut == 1
